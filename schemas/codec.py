@@ -1,0 +1,71 @@
+"""Bytes <-> events. Decoding never raises: it returns the event or a DecodeError naming the reason,
+which is what the dead-letter record carries."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from schemas.envelope import Envelope
+from schemas.events import EVENT_TYPES, event_model
+
+MAX_EVENT_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class DecodeError:
+    reason: str  # machine-readable: malformed_json, not_an_object, unknown_type, ...
+    detail: str  # for a person: what exactly is wrong
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def decode_event(raw: bytes) -> Envelope | DecodeError:
+    if len(raw) > MAX_EVENT_BYTES:
+        return DecodeError("too_large", f"{len(raw)} bytes, the limit is {MAX_EVENT_BYTES}")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return DecodeError("malformed_json", str(exc))
+    if not isinstance(data, dict):
+        return DecodeError("not_an_object", f"top level is {type(data).__name__}, expected an object")
+    type_name = data.get("type")
+    if type_name not in EVENT_TYPES:
+        return DecodeError("unknown_type", f"type {type_name!r} is not in the event catalog")
+    version = data.get("schema_version", 1)
+    model = event_model(type_name, version) if isinstance(version, int) else None
+    if model is None:
+        return DecodeError("unsupported_schema_version", f"{type_name} has no schema_version {version!r}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        return DecodeError("schema_invalid", _describe(exc))
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        location = ".".join(str(part) for part in error["loc"]) or "(event)"
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def to_json_dict(event: Envelope) -> dict[str, Any]:
+    return event.model_dump(mode="json", exclude_none=True)
+
+
+def encode_event(event: Envelope) -> bytes:
+    return orjson.dumps(to_json_dict(event))
+
+
+def fingerprint(event: Envelope) -> str:
+    """Identity of an event's content, ignoring received_at (a retried send gets a new one).
+    Two deliveries with one event_id and one fingerprint are the same event."""
+    content = to_json_dict(event)
+    content.pop("received_at", None)
+    return hashlib.blake2b(orjson.dumps(content, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()

@@ -1,0 +1,117 @@
+"""The envelope shared by every event: identity of the event, of the customer, of the source, and time."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+from uuid import UUID
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+# Personal data is marked in the JSON Schema (`x-personal: true`) so that encryption and erasure
+# can find every such field from the models alone instead of from a hand-kept list.
+PERSONAL = {"x-personal": True}
+
+
+def Personal(**kwargs: Any) -> Any:  # noqa: N802 - reads as a field type marker at the use site
+    return Field(default=None, json_schema_extra=PERSONAL, **kwargs)
+
+
+class Model(BaseModel):
+    """Base for every catalog model: immutable, and strict about unknown fields so typos surface."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+class Channel(StrEnum):
+    POS = "pos"
+    APP = "app"
+    WEB = "web"
+    SERVICE = "service"
+    SYSTEM = "system"
+
+
+class Source(Model):
+    channel: Channel
+    store_id: str | None = None
+    terminal_id: str | None = None
+    device_id: str | None = None
+    # IANA zone of the store or app; rules such as "once per calendar day" use it.
+    timezone: str | None = None
+
+
+class AliasType(StrEnum):
+    LOYALTY_CARD = "loyalty_card"
+    APP_USER_ID = "app_user_id"
+    PHONE_HASH = "phone_hash"
+    EMAIL_HASH = "email_hash"
+    DEVICE_ID = "device_id"
+
+
+NonEmpty = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class Identifiers(Model):
+    """Aliases a producer may know instead of (or besides) the platform's customer_id.
+    Phone and e-mail are only ever carried hashed."""
+
+    loyalty_card: NonEmpty | None = None
+    app_user_id: NonEmpty | None = None
+    phone_hash: NonEmpty | None = None
+    email_hash: NonEmpty | None = None
+    device_id: NonEmpty | None = None
+
+    def first_alias(self) -> tuple[AliasType, str] | None:
+        """The alias that names the customer when no customer_id is given, by fixed precedence."""
+        for alias in AliasType:
+            value = getattr(self, alias.value)
+            if value:
+                return alias, value
+        return None
+
+
+class Envelope(Model):
+    event_id: UUID
+    type: str
+    schema_version: int = Field(default=1, ge=1)
+    customer_id: NonEmpty | None = None
+    identifiers: Identifiers = Identifiers()
+    occurred_at: AwareDatetime
+    # Set by the ingestion edge; when a producer wrote straight to Kafka, the worker fills it
+    # from the Kafka record timestamp so that it is still a value taken from the log.
+    received_at: AwareDatetime | None = None
+    source: Source
+
+    @model_validator(mode="after")
+    def _names_a_customer(self) -> Envelope:
+        if not self.customer_id and self.identifiers.first_alias() is None:
+            raise ValueError("an event needs customer_id or at least one identifier")
+        return self
+
+    @property
+    def customer_key(self) -> str:
+        """The Kafka message key and the key of per-customer state: customer_id when known,
+        otherwise `alias_type:value` of the first alias."""
+        if self.customer_id:
+            return self.customer_id
+        alias, value = self.identifiers.first_alias()  # type: ignore[misc]
+        return f"{alias.value}:{value}"
+
+
+def personal_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted paths of every field marked personal in `model` and the models nested in it."""
+    found: list[str] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("x-personal"):
+            found.append(path)
+        for nested in _model_types(field.annotation):
+            found.extend(personal_fields(nested, prefix=f"{path}."))
+    return found
+
+
+def _model_types(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _model_types(arg)]

@@ -1,0 +1,275 @@
+"""One payload model per event type, and the registry that maps (type, schema_version) to a model.
+
+Versioning rule (also in docs/events.md): adding an optional field is an additive change and keeps
+the schema_version; removing, renaming or changing the meaning or type of a field is a new
+schema_version with its own model registered beside the old one, which stays readable forever
+because the log keeps every event."""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, Field, create_model, field_validator, model_validator
+
+from schemas.envelope import AliasType, Envelope, Model, NonEmpty, Personal
+
+Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=2)]
+PositiveMoney = Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=2)]
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, upper case")]
+
+
+class Address(Model):
+    line1: str | None = None
+    line2: str | None = None
+    city: str | None = None
+    postal_code: str | None = None
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
+
+
+class PersonalDetails(Model):
+    name: str | None = Personal(max_length=200)
+    email: str | None = Personal(max_length=320)
+    phone: str | None = Personal(max_length=40)
+    birthday: date | None = Personal()
+    address: Address | None = Personal()
+
+
+# --- identity and consent -------------------------------------------------------------------------
+
+class CustomerRegistered(PersonalDetails):
+    preferred_store_id: str | None = None
+    locale: str | None = None
+
+
+class ProfileUpdated(PersonalDetails):
+    preferred_store_id: str | None = None
+    locale: str | None = None
+
+
+class IdentityLinked(Model):
+    alias_type: AliasType
+    alias_value: NonEmpty
+
+
+class ConsentChannel(StrEnum):
+    EMAIL = "email"
+    SMS = "sms"
+    PUSH = "push"
+    PHONE = "phone"
+    POST = "post"
+
+
+class ConsentChanged(Model):
+    channel: ConsentChannel
+    granted: bool
+    purpose: NonEmpty = "marketing"
+
+
+class CustomerErasureRequested(Model):
+    request_id: NonEmpty
+    requested_by: NonEmpty
+
+
+# --- commerce -------------------------------------------------------------------------------------
+
+class LineItem(Model):
+    sku: NonEmpty
+    category: NonEmpty
+    quantity: Annotated[int, Field(gt=0, le=100_000)]
+    unit_price: Money
+
+
+class PurchaseCompleted(Model):
+    order_id: NonEmpty
+    currency: Currency
+    lines: Annotated[list[LineItem], Field(min_length=1, max_length=1000)]
+    discount: Money = Decimal("0")
+    store_id: str | None = None
+    payment_method: str | None = None
+
+    @model_validator(mode="after")
+    def _discount_within_total(self) -> PurchaseCompleted:
+        if self.discount > self.subtotal:
+            raise ValueError("discount exceeds the sum of the lines")
+        return self
+
+    @property
+    def subtotal(self) -> Decimal:
+        return sum((line.unit_price * line.quantity for line in self.lines), Decimal("0"))
+
+    @property
+    def total(self) -> Decimal:
+        return self.subtotal - self.discount
+
+
+class PurchaseRefunded(Model):
+    refund_id: NonEmpty
+    order_id: NonEmpty = Field(description="order_id of the purchase_completed event refunded")
+    currency: Currency
+    amount: PositiveMoney
+    full: bool = False
+    lines: list[LineItem] = []
+    reason: str | None = None
+
+
+class CouponIssued(Model):
+    coupon_id: NonEmpty
+    campaign_id: str | None = None
+    kind: Literal["percent", "amount", "free_item"] = "amount"
+    value: Money
+    expires_at: AwareDatetime | None = None
+
+
+class CouponRedeemed(Model):
+    coupon_id: NonEmpty
+    order_id: str | None = None
+
+
+class PointsRedemptionRequested(Model):
+    request_id: NonEmpty
+    reward_id: NonEmpty
+    points: Annotated[int, Field(gt=0)]
+
+
+class PointsAdjusted(Model):
+    adjustment_id: NonEmpty
+    points: int
+    reason: NonEmpty
+    operator: NonEmpty
+
+    @field_validator("points")
+    @classmethod
+    def _non_zero(cls, points: int) -> int:
+        if points == 0:
+            raise ValueError("an adjustment of zero points is not an adjustment")
+        return points
+
+
+# --- engagement -----------------------------------------------------------------------------------
+
+class ProductViewed(Model):
+    sku: NonEmpty
+    category: str | None = None
+    price: Money | None = None
+
+
+class PageViewed(Model):
+    path: NonEmpty
+    referrer: str | None = None
+
+
+class SearchPerformed(Model):
+    query: Annotated[str, Field(max_length=500)]
+    results_count: Annotated[int, Field(ge=0)] | None = None
+
+
+class AppSessionStarted(Model):
+    session_id: NonEmpty
+    app_version: str | None = None
+    platform: Literal["ios", "android", "web", "other"] | None = None
+
+
+class DailySignIn(Model):
+    pass
+
+
+class ContentShared(Model):
+    content_type: NonEmpty
+    content_id: NonEmpty
+    network: str | None = None
+
+
+class ReviewPosted(Model):
+    review_id: NonEmpty
+    sku: str | None = None
+    rating: Annotated[int, Field(ge=1, le=5)]
+    text: Annotated[str, Field(max_length=5000)] | None = None
+
+
+# --- service and feedback -------------------------------------------------------------------------
+
+class ComplaintFiled(Model):
+    complaint_id: NonEmpty
+    category: NonEmpty
+    severity: Literal["low", "medium", "high"] = "medium"
+    description: Annotated[str, Field(max_length=5000)] | None = None
+
+
+class ComplaintResolved(Model):
+    complaint_id: NonEmpty
+    resolution: str | None = None
+    customer_satisfied: bool | None = None
+
+
+class SurveyAnswered(Model):
+    survey_id: NonEmpty
+    kind: Literal["nps", "csat"]
+    score: int
+    comment: Annotated[str, Field(max_length=5000)] | None = None
+
+    @model_validator(mode="after")
+    def _score_in_scale(self) -> SurveyAnswered:
+        low, high = (0, 10) if self.kind == "nps" else (1, 5)
+        if not low <= self.score <= high:
+            raise ValueError(f"{self.kind} score must be between {low} and {high}")
+        return self
+
+
+# --- the registry ---------------------------------------------------------------------------------
+
+PAYLOADS: dict[str, type[Model]] = {
+    "customer_registered": CustomerRegistered,
+    "profile_updated": ProfileUpdated,
+    "identity_linked": IdentityLinked,
+    "consent_changed": ConsentChanged,
+    "customer_erasure_requested": CustomerErasureRequested,
+    "purchase_completed": PurchaseCompleted,
+    "purchase_refunded": PurchaseRefunded,
+    "coupon_issued": CouponIssued,
+    "coupon_redeemed": CouponRedeemed,
+    "points_redemption_requested": PointsRedemptionRequested,
+    "points_adjusted": PointsAdjusted,
+    "product_viewed": ProductViewed,
+    "page_viewed": PageViewed,
+    "search_performed": SearchPerformed,
+    "app_session_started": AppSessionStarted,
+    "daily_sign_in": DailySignIn,
+    "content_shared": ContentShared,
+    "review_posted": ReviewPosted,
+    "complaint_filed": ComplaintFiled,
+    "complaint_resolved": ComplaintResolved,
+    "survey_answered": SurveyAnswered,
+}
+EVENT_TYPES = frozenset(PAYLOADS)
+
+
+def _event_class(type_name: str, payload: type[Model]) -> type[Envelope]:
+    """An envelope subclass whose `type` is fixed and whose payload is the type's model.
+    A payload with no required fields (daily_sign_in) may be left out."""
+    required = any(field.is_required() for field in payload.model_fields.values())
+    return create_model(
+        payload.__name__ + "Event",
+        __base__=Envelope,
+        type=(Literal[type_name], ...),  # type: ignore[valid-type]
+        payload=(payload, ... if required else payload()),
+    )
+
+
+# (type, schema_version) -> event model. Version 1 is the only one so far.
+_MODELS: dict[tuple[str, int], type[Envelope]] = {
+    (name, 1): _event_class(name, payload) for name, payload in PAYLOADS.items()
+}
+
+# Every event is an Envelope subclass with a typed `payload`.
+Event = Envelope
+
+
+def event_model(type_name: str, schema_version: int = 1) -> type[Envelope] | None:
+    return _MODELS.get((type_name, schema_version))
+
+
+def registered_versions() -> list[tuple[str, int]]:
+    return sorted(_MODELS)

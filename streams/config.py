@@ -1,0 +1,48 @@
+"""Where things are: every knob comes from the environment so that the same code runs on the
+embedded local stack, in tests, and against real clusters."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Everything the local stack writes (Kafka data, worker state, embedded ClickHouse) lives here.
+    state_dir: Path = field(default_factory=lambda: Path(os.environ.get("CRM_STATE_DIR", PROJECT_ROOT / ".state")))
+    # Set to use an existing Kafka cluster; unset means the local broker from deploy/kafka.
+    kafka_bootstrap_override: str | None = field(default_factory=lambda: os.environ.get("CRM_KAFKA_BOOTSTRAP") or None)
+    kafka_port: int = field(default_factory=lambda: int(os.environ.get("CRM_KAFKA_PORT", "9092")))
+    kafka_controller_port: int = field(default_factory=lambda: int(os.environ.get("CRM_KAFKA_CONTROLLER_PORT", "9093")))
+    kafka_replication: int = field(default_factory=lambda: int(os.environ.get("CRM_KAFKA_REPLICATION", "1")))
+    # Set (http://user:pass@host:8123/crm) to use a ClickHouse server; unset means embedded chdb.
+    clickhouse_dsn: str | None = field(default_factory=lambda: os.environ.get("CRM_CLICKHOUSE_DSN") or None)
+    clickhouse_database: str = field(default_factory=lambda: os.environ.get("CRM_CLICKHOUSE_DATABASE", "crm"))
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka_bootstrap_override or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def uses_local_kafka(self) -> bool:
+        return self.kafka_bootstrap_override is None
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.state_dir / "kafka"
+
+    @property
+    def worker_dir(self) -> Path:
+        return self.state_dir / "worker"
+
+    @property
+    def chdb_dir(self) -> Path:
+        return self.state_dir / "clickhouse"
+
+
+def settings() -> Settings:
+    return Settings()

@@ -1,0 +1,59 @@
+"""Every Kafka topic the platform uses, with its partitioning and retention, in one place.
+deploy/topics.py creates them explicitly; nothing relies on broker auto-creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One customer's events share a key, so they share a partition and stay in order. The count is
+# fixed for the life of a cluster: per-customer state records source offsets, which are only
+# comparable within one partition.
+EVENT_PARTITIONS = 6
+WORKER_APP_ID = "crm-worker"
+
+KEEP_FOREVER = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
+SEVEN_DAYS = {"cleanup.policy": "delete", "retention.ms": str(7 * 24 * 3600 * 1000)}
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+    purpose: str = ""
+
+
+EVENTS = TopicSpec(
+    "crm.events", EVENT_PARTITIONS, KEEP_FOREVER,
+    "Source of truth: every event as produced, keyed by customer. Kept forever; replays start here.",
+)
+DEAD_LETTERS = TopicSpec(
+    "crm.events.deadletter", 1, KEEP_FOREVER,
+    "Events the worker could not accept: reason, original bytes and source position. Kept forever.",
+)
+ACCEPTED = TopicSpec(
+    "crm.events.accepted", EVENT_PARTITIONS, SEVEN_DAYS,
+    "Validated, de-duplicated events for the events table. Derived, so a replay can rebuild it.",
+)
+PROFILES = TopicSpec(
+    "crm.customer-profiles", EVENT_PARTITIONS, COMPACTED,
+    "Latest profile snapshot per customer (versioned). Compacted: only the newest per key matters.",
+)
+
+
+def changelog(table: str) -> TopicSpec:
+    """Faust's changelog topic for a table; co-partitioned with the events topic."""
+    return TopicSpec(
+        f"{WORKER_APP_ID}-{table}-changelog", EVENT_PARTITIONS, COMPACTED,
+        f"Changelog of the worker's {table!r} state table, compacted.",
+    )
+
+
+CUSTOMER_STATE_TABLE = "customer_state"
+SEEN_EVENTS_TABLE = "seen_events"
+
+ALL_TOPICS = (
+    EVENTS, DEAD_LETTERS, ACCEPTED, PROFILES,
+    changelog(CUSTOMER_STATE_TABLE), changelog(SEEN_EVENTS_TABLE),
+)

@@ -133,22 +133,22 @@ class LocalBroker:
 
     def stop(self, timeout: float = 30.0) -> None:
         pid = self._read_pid()
-        if pid is None or not _alive(pid):
+        if pid is None or not process_alive(pid):
             self.pid_file.unlink(missing_ok=True)
             return
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _alive(pid):
+        if process_alive(pid):
             os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
+            while process_alive(pid):
                 time.sleep(0.1)
         self.pid_file.unlink(missing_ok=True)
 
     def status(self) -> BrokerStatus:
         pid = self._read_pid()
-        if pid is None or not _alive(pid):
+        if pid is None or not process_alive(pid):
             return BrokerStatus(False, None, self.bootstrap, "not running")
         answering = self._answers()
         return BrokerStatus(answering, pid, self.bootstrap, "running" if answering else "starting")
@@ -224,7 +224,7 @@ class LocalBroker:
 
     def _pid_alive(self) -> bool:
         pid = self._read_pid()
-        return pid is not None and _alive(pid)
+        return pid is not None and process_alive(pid)
 
     def _log_tail(self, lines: int = 30) -> str:
         try:
@@ -233,7 +233,7 @@ class LocalBroker:
             return "(no log)"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,0 +1,56 @@
+"""One way to reach ClickHouse: embedded chdb by default, a real server when CRM_CLICKHOUSE_DSN is set.
+The same clickhouse-connect client API either way, so no code above this module knows which."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from streams.config import Settings
+
+_owner_lock: Any = None  # held open for the life of the process that owns the embedded database
+
+
+class EmbeddedDatabaseBusy(RuntimeError):
+    pass
+
+
+def connect(settings: Settings) -> Client:
+    if settings.clickhouse_dsn:
+        client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)
+        client.command(f"CREATE DATABASE IF NOT EXISTS {settings.clickhouse_database}")
+        return client
+    _claim_embedded(settings.chdb_dir)
+    client = clickhouse_connect.get_client(interface="chdb", path=str(settings.chdb_dir))
+    client.command(f"CREATE DATABASE IF NOT EXISTS {settings.clickhouse_database}")
+    return client
+
+
+def _claim_embedded(path: Path) -> None:
+    """chdb lets one process open a data directory. Take an exclusive lock so that a second process
+    gets a clear message instead of a corrupted or locked engine."""
+    global _owner_lock
+    if _owner_lock is not None:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    lock = open(path / ".owner.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise EmbeddedDatabaseBusy(
+            f"The embedded ClickHouse at {path} is open in process {owner} (the projection writer owns it "
+            "while it runs). Stop it first (`crm stop`), or point CRM_CLICKHOUSE_DSN at a ClickHouse server."
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _owner_lock = lock

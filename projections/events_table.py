@@ -1,0 +1,91 @@
+"""`events`: every accepted event, typed common columns plus the payload as JSON.
+
+ReplacingMergeTree on (customer_key, occurred_at, event_id): a record written twice (writer crash
+before its offset commit, or a worker redelivery) collapses to one row. Until parts merge, exact
+counts use FINAL or count(DISTINCT event_id)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Iterable
+from uuid import UUID
+
+import orjson
+
+MIGRATIONS = [
+    (1, """
+CREATE TABLE IF NOT EXISTS {db}.events
+(
+    event_id          UUID,
+    type              LowCardinality(String),
+    schema_version    UInt16,
+    customer_key      String,
+    customer_id       Nullable(String),
+    loyalty_card      Nullable(String),
+    app_user_id       Nullable(String),
+    phone_hash        Nullable(String),
+    email_hash        Nullable(String),
+    device_id         Nullable(String),
+    occurred_at       DateTime64(3, 'UTC'),
+    received_at       DateTime64(3, 'UTC'),
+    channel           LowCardinality(String),
+    store_id          LowCardinality(String) COMMENT 'empty when the source has no store',
+    terminal_id       String,
+    source_device_id  String,
+    amount            Decimal(18, 2) COMMENT 'purchase total or refund amount; 0 for other types',
+    currency          LowCardinality(String),
+    payload           String COMMENT 'the typed payload as JSON; read with JSONExtract*',
+    source_partition  UInt16,
+    source_offset     UInt64
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (customer_key, occurred_at, event_id)
+"""),
+]
+
+COLUMNS = [
+    "event_id", "type", "schema_version", "customer_key", "customer_id", "loyalty_card", "app_user_id",
+    "phone_hash", "email_hash", "device_id", "occurred_at", "received_at", "channel", "store_id",
+    "terminal_id", "source_device_id", "amount", "currency", "payload", "source_partition", "source_offset",
+]
+
+
+def _amount(event_type: str, payload: dict[str, Any]) -> tuple[Decimal, str]:
+    if event_type == "purchase_completed":
+        subtotal = sum(Decimal(line["unit_price"]) * line["quantity"] for line in payload["lines"])
+        return subtotal - Decimal(payload.get("discount", "0")), payload["currency"]
+    if event_type == "purchase_refunded":
+        return Decimal(payload["amount"]), payload["currency"]
+    return Decimal("0"), ""
+
+
+def _customer_key(event: dict[str, Any]) -> str:
+    if event.get("customer_id"):
+        return event["customer_id"]
+    for alias in ("loyalty_card", "app_user_id", "phone_hash", "email_hash", "device_id"):
+        value = event.get("identifiers", {}).get(alias)
+        if value:
+            return f"{alias}:{value}"
+    raise ValueError("accepted event without a customer key")
+
+
+def rows(records: Iterable[Any]) -> list[list[Any]]:
+    """Rows from records of crm.events.accepted (see streams.app.accepted_value)."""
+    out = []
+    for record in records:
+        data = orjson.loads(record.value)
+        event, payload = data["event"], data["event"].get("payload", {})
+        identifiers, source = event.get("identifiers", {}), event["source"]
+        amount, currency = _amount(event["type"], payload)
+        out.append([
+            UUID(event["event_id"]), event["type"], event["schema_version"], _customer_key(event),
+            event.get("customer_id"), identifiers.get("loyalty_card"), identifiers.get("app_user_id"),
+            identifiers.get("phone_hash"), identifiers.get("email_hash"), identifiers.get("device_id"),
+            datetime.fromisoformat(event["occurred_at"]), datetime.fromisoformat(event["received_at"]),
+            source["channel"], source.get("store_id") or "", source.get("terminal_id") or "",
+            source.get("device_id") or "", amount, currency, orjson.dumps(payload).decode(),
+            data["partition"], data["offset"],
+        ])
+    return out

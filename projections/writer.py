@@ -1,0 +1,116 @@
+"""The projection writer: the one process that owns ClickHouse (required by embedded chdb, and
+cheap with a server). It reads the worker's output topics in batches, inserts each batch per table,
+then commits the Kafka offsets. A crash between insert and commit re-inserts the batch, which the
+tables absorb: every row is keyed (events, dead_letters) or versioned (customer_profiles)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from kafka import KafkaConsumer
+
+from projections import dead_letters_table, events_table, profiles_table
+from projections.clickhouse import connect
+from projections.migrations import migrate
+from streams import topics
+from streams.config import Settings
+
+log = logging.getLogger("crm.writer")
+WRITER_GROUP = "crm-projections"
+
+
+@dataclass(frozen=True)
+class Sink:
+    table: str
+    columns: list[str]
+    rows: Callable[[Iterable[Any]], list[list[Any]]]
+
+
+SINKS: dict[str, Sink] = {
+    topics.ACCEPTED.name: Sink("events", events_table.COLUMNS, events_table.rows),
+    topics.PROFILES.name: Sink("customer_profiles", profiles_table.COLUMNS, profiles_table.rows),
+    topics.DEAD_LETTERS.name: Sink("dead_letters", dead_letters_table.COLUMNS, dead_letters_table.rows),
+}
+
+
+class ProjectionWriter:
+    def __init__(self, settings: Settings, client: Client | None = None, max_batch: int = 20_000,
+                 max_wait_ms: int = 500):
+        self.settings = settings
+        self.database = settings.clickhouse_database
+        self.client = client or connect(settings)
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.rows_written: dict[str, int] = defaultdict(int)
+        self._stop = threading.Event()
+        migrate(self.client, self.database)
+
+    def _consumer(self) -> KafkaConsumer:
+        return KafkaConsumer(
+            *SINKS,
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=WRITER_GROUP,
+            client_id="crm-projection-writer",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.max_batch,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+        )
+
+    def run(self) -> None:
+        """Consume until `stop()` is called."""
+        consumer = self._consumer()
+        try:
+            while not self._stop.is_set():
+                batch = consumer.poll(timeout_ms=self.max_wait_ms, max_records=self.max_batch)
+                if batch:
+                    self.write(batch)
+                    consumer.commit()
+        finally:
+            consumer.close(autocommit=False)
+
+    def write(self, batch: dict[Any, list[Any]]) -> None:
+        by_topic: dict[str, list[Any]] = defaultdict(list)
+        for partition, records in batch.items():
+            by_topic[partition.topic].extend(records)
+        for topic, records in by_topic.items():
+            sink = SINKS[topic]
+            rows = sink.rows(records)
+            if rows:
+                self.client.insert(f"{self.database}.{sink.table}", rows, column_names=sink.columns)
+                self.rows_written[sink.table] += len(rows)
+
+    def start_in_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run_logged, name="projection-writer", daemon=True)
+        thread.start()
+        return thread
+
+    def _run_logged(self) -> None:
+        try:
+            self.run()
+        except Exception:
+            log.exception("projection writer stopped")
+            raise
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run_forever(settings: Settings) -> None:
+    writer = ProjectionWriter(settings)
+    log.info("projection writer consuming %s into %s", ", ".join(SINKS), settings.clickhouse_dsn or settings.chdb_dir)
+    thread = writer.start_in_thread()
+    try:
+        while thread.is_alive():
+            time.sleep(1)
+    except KeyboardInterrupt:
+        writer.stop()
+        thread.join(timeout=10)

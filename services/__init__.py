@@ -1,0 +1,1 @@
+"""User-facing entry points: the `crm` command line, the demo, the traffic simulator."""

@@ -1,0 +1,221 @@
+"""`crm`: the one command line of the platform.
+
+  crm start | stop | status     the local stack: Kafka broker, topics, worker, projection writer
+  crm kafka start|stop|status   only the broker
+  crm worker | crm writer       run one process in the foreground
+  crm produce                   send simulated POS and app traffic to the events topic
+  crm demo                      all of the above on a fresh local stack, then a summary
+  crm sql "SELECT ..."          query the projections
+  crm schemas export            write the JSON Schema files for producers in other languages
+  crm test                      run the whole test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from streams.config import PROJECT_ROOT, settings
+
+
+def _broker():
+    from deploy.kafka.broker import LocalBroker
+
+    return LocalBroker(settings())
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    config = settings()
+    if not config.uses_local_kafka:
+        print(f"CRM_KAFKA_BOOTSTRAP={config.kafka_bootstrap}: using that cluster, no local broker to manage.")
+        return 0
+    broker = _broker()
+    if args.action == "start":
+        status = broker.start()
+        from deploy.topics import ensure_topics
+
+        created = ensure_topics(config)
+        print(f"Kafka {status.detail} at {status.bootstrap} (pid {status.pid}); topics created: {created or 'none needed'}")
+    elif args.action == "stop":
+        broker.stop()
+        print("Kafka stopped.")
+    else:
+        status = broker.status()
+        print(f"Kafka {status.detail} at {status.bootstrap}" + (f" (pid {status.pid})" if status.pid else ""))
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from services import processes
+
+    cmd_kafka(argparse.Namespace(action="start"))
+    config = settings()
+    for daemon in (processes.worker(config), processes.writer(config)):
+        pid = daemon.start()
+        print(f"{daemon.name} running (pid {pid}), log: {daemon.log_file}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from services import processes
+
+    config = settings()
+    for daemon in (processes.worker(config), processes.writer(config)):
+        daemon.stop()
+        print(f"{daemon.name} stopped.")
+    if config.uses_local_kafka:
+        cmd_kafka(argparse.Namespace(action="stop"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from services import processes
+
+    config = settings()
+    if config.uses_local_kafka:
+        cmd_kafka(argparse.Namespace(action="status"))
+    for daemon in (processes.worker(config), processes.writer(config)):
+        pid = daemon.pid()
+        print(f"{daemon.name}: " + (f"running (pid {pid})" if pid else "not running"))
+    if _broker().status().running or not config.uses_local_kafka:
+        from services.lag import LagProbe
+
+        probe = LagProbe(config)
+        lag = probe.lag()
+        probe.close()
+        print(f"lag: worker {lag.worker} events, writer {lag.writer} records")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.app import app
+
+    sys.argv = ["crm-worker", "worker", "--loglevel", args.loglevel]
+    app.main()
+    return 0
+
+
+def cmd_writer(args: argparse.Namespace) -> int:
+    from projections.writer import ProjectionWriter
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    writer = ProjectionWriter(settings())
+    signal.signal(signal.SIGTERM, lambda *_: writer.stop())
+    signal.signal(signal.SIGINT, lambda *_: writer.stop())
+    logging.getLogger("crm.writer").info("projection writer started")
+    writer.run()
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from kafka import KafkaProducer
+
+    from services.simulator import Simulator, Workload, produce
+    from streams.topics import EVENTS
+
+    producer = KafkaProducer(bootstrap_servers=settings().kafka_bootstrap, acks="all", enable_idempotence=True,
+                             linger_ms=20, batch_size=512 * 1024)
+    counts = produce(Simulator(Workload(customers=args.customers, days=args.days, seed=args.seed)).messages(),
+                     producer, EVENTS.name)
+    producer.close()
+    print("sent:", ", ".join(f"{kind}={n}" for kind, n in sorted(counts.items())))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from projections.clickhouse import EmbeddedDatabaseBusy, connect
+    from services.output import print_result
+
+    config = settings()
+    try:
+        client = connect(config)
+    except EmbeddedDatabaseBusy as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    result = client.query(args.query, settings={"readonly": 2} if not args.write else None,
+                          database=config.clickhouse_database)
+    print_result(result.column_names, result.result_rows, args.format)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    return run_demo(customers=args.customers, days=args.days, seed=args.seed)
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from schemas.export import export
+
+    written = export(Path(args.out) if args.out else None)
+    print(f"wrote {len(written)} JSON Schema files to {written[0].parent}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    return subprocess.call([sys.executable, "-m", "pytest", *args.pytest_args], cwd=PROJECT_ROOT)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="crm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root.add_argument("--state-dir", help="where the local stack keeps its data (default .state; env CRM_STATE_DIR)")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("start", help="start broker, topics, worker and writer in the background").set_defaults(func=cmd_start)
+    sub.add_parser("stop", help="stop everything `crm start` started").set_defaults(func=cmd_stop)
+    sub.add_parser("status", help="what runs, and how far behind it is").set_defaults(func=cmd_status)
+
+    kafka = sub.add_parser("kafka", help="only the local Kafka broker")
+    kafka.add_argument("action", choices=("start", "stop", "status"))
+    kafka.set_defaults(func=cmd_kafka)
+
+    worker = sub.add_parser("worker", help="run the stream worker in the foreground")
+    worker.add_argument("--loglevel", default="info")
+    worker.set_defaults(func=cmd_worker)
+    sub.add_parser("writer", help="run the projection writer in the foreground").set_defaults(func=cmd_writer)
+
+    for name, func, text in (("produce", cmd_produce, "send simulated traffic"),
+                             ("demo", cmd_demo, "run the platform on simulated traffic and show the result")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--customers", type=int, default=2000)
+        command.add_argument("--days", type=int, default=120, help="days of event time to simulate")
+        command.add_argument("--seed", type=int, default=7)
+        command.set_defaults(func=func)
+
+    sql = sub.add_parser("sql", help="run SQL against the projections")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.add_argument("--write", action="store_true", help="allow statements that change data")
+    sql.set_defaults(func=cmd_sql)
+
+    schemas = sub.add_parser("schemas", help="event catalog tools")
+    schemas.add_argument("action", choices=("export",))
+    schemas.add_argument("--out", help="folder (default schemas/jsonschema)")
+    schemas.set_defaults(func=cmd_schemas)
+
+    test = sub.add_parser("test", help="run the whole test suite (arguments go to pytest)")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    test.set_defaults(func=cmd_test)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.state_dir:
+        os.environ["CRM_STATE_DIR"] = str(Path(args.state_dir).resolve())
+    from deploy.kafka.broker import BrokerError
+
+    try:
+        return args.func(args) or 0
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""`crm demo`: the whole platform on its embedded default, on a fresh state directory, driven by the
+simulated workload; ends with what it did, a sample profile and example SQL with its results."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from kafka import KafkaProducer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from deploy.kafka.broker import LocalBroker
+from deploy.topics import ensure_topics
+from projections.writer import ProjectionWriter
+from services import processes
+from services.lag import LagProbe
+from services.output import print_result
+from services.simulator import Simulator, Workload
+from streams import topics
+from streams.config import settings
+
+EXAMPLES = [
+    ("Revenue and customers per store, last 30 days of the simulation", """
+SELECT store_id, count(DISTINCT customer_key) AS customers, count() AS purchases,
+       sum(amount) AS revenue_eur, round(avg(amount), 2) AS avg_basket
+FROM events FINAL
+WHERE type = 'purchase_completed' AND store_id != ''
+  AND occurred_at >= (SELECT max(occurred_at) FROM events) - INTERVAL 30 DAY
+GROUP BY store_id ORDER BY revenue_eur DESC"""),
+    ("Customers who used to buy and went quiet (no purchase in the last 45 days)", """
+SELECT count() AS quiet_customers, round(avg(purchase_count), 1) AS avg_past_purchases,
+       sum(spend['EUR']) AS past_spend_eur
+FROM customer_profiles FINAL
+WHERE purchase_count >= 3
+  AND last_purchase_at < (SELECT max(last_seen) FROM customer_profiles FINAL) - INTERVAL 45 DAY"""),
+]
+
+
+def run_demo(customers: int, days: int, seed: int) -> int:
+    console = Console()
+    base = settings()
+    state_dir = base.state_dir / "demo"
+    os.environ["CRM_STATE_DIR"] = str(state_dir)
+    config = settings()
+    broker = LocalBroker(config)
+    worker = processes.worker(config)
+    if config.uses_local_kafka:
+        broker.stop()
+    worker.stop()
+    shutil.rmtree(state_dir, ignore_errors=True)
+    console.rule("[bold]crm demo")
+    console.print(f"State directory: {state_dir} (fresh)")
+
+    started = time.monotonic()
+    if config.uses_local_kafka:
+        console.print(f"Starting Apache Kafka (KRaft, one broker) on {config.kafka_bootstrap} ...")
+        broker.start()
+    ensure_topics(config)
+    console.print(f"Topics: {', '.join(t.name for t in topics.ALL_TOPICS)}")
+    console.print(f"Starting the stream worker (log: {worker.log_file}) ...")
+    worker.start()
+    writer = ProjectionWriter(config)
+    writer_thread = writer.start_in_thread()
+    console.print(f"Projection writer owns the embedded ClickHouse at {config.chdb_dir}")
+
+    try:
+        sent = _produce(console, config, Workload(customers=customers, days=days, seed=seed))
+        _wait_for_pipeline(console, config, sent)
+        if not writer_thread.is_alive():
+            raise RuntimeError("the projection writer stopped; see the log above")
+        _summary(console, writer, sent, time.monotonic() - started)
+    finally:
+        writer.stop()
+        writer_thread.join(timeout=15)
+        worker.stop()
+        if config.uses_local_kafka:
+            broker.stop()
+    console.print(f"\nThe data stays in {state_dir}. Query it:  ./crm --state-dir {_relative(state_dir)} sql \"SELECT ...\"")
+    console.print(f"Run the stack on it:                     ./crm --state-dir {_relative(state_dir)} start")
+    return 0
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _produce(console: Console, config, workload: Workload) -> dict[str, int]:
+    simulator = Simulator(workload)
+    console.print(f"Simulating {workload.customers} customers in {len(simulator_stores())} stores over "
+                  f"{workload.days} days of event time ...")
+    messages = list(simulator.messages())
+    producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", enable_idempotence=True,
+                             linger_ms=20, batch_size=512 * 1024)
+    counts: dict[str, int] = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("Producing events", total=len(messages))
+        for n, message in enumerate(messages, 1):
+            producer.send(topics.EVENTS.name, key=message.key, value=message.value)
+            counts[message.kind] = counts.get(message.kind, 0) + 1
+            if n % 2000 == 0:
+                progress.update(task, completed=n)
+        producer.flush()
+        progress.update(task, completed=len(messages))
+    producer.close()
+    return counts
+
+
+def simulator_stores() -> list[str]:
+    from services.simulator import STORES
+
+    return [store for store, _ in STORES]
+
+
+def _wait_for_pipeline(console: Console, config, sent: dict[str, int], timeout: float = 900) -> None:
+    total = sum(sent.values())
+    probe = LagProbe(config)
+    deadline = time.monotonic() + timeout
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            folded = progress.add_task("Worker folding events", total=total)
+            while time.monotonic() < deadline:
+                lag = probe.lag()
+                progress.update(folded, completed=total - lag.worker,
+                                description=f"Worker folding events (writer behind by {lag.writer})")
+                if lag.caught_up:
+                    return
+                time.sleep(1)
+        raise TimeoutError(f"the pipeline did not catch up within {timeout:.0f}s")
+    finally:
+        probe.close()
+
+
+def _summary(console: Console, writer: ProjectionWriter, sent: dict[str, int], elapsed: float) -> None:
+    client = writer.client
+    db = writer.database
+
+    def query(sql: str):
+        result = client.query(sql, database=db)
+        return result.column_names, result.result_rows
+
+    console.rule("[bold]What happened")
+    console.print(f"Sent to crm.events: {sum(sent.values())} records "
+                  + "(" + ", ".join(f"{kind} {n}" for kind, n in sorted(sent.items())) + ")")
+    [(events, customers, dead)] = query(
+        "SELECT (SELECT count() FROM events FINAL), (SELECT count() FROM customer_profiles FINAL), "
+        "(SELECT count() FROM dead_letters FINAL)")[1]
+    console.print(f"Accepted into `events`: {events} (duplicates ignored: {sent.get('valid', 0) + sent.get('duplicate', 0) - events})")
+    console.print(f"Customer profiles: {customers};  dead letters: {dead};  wall time {elapsed:.0f}s")
+    print_result(*query("SELECT type, count() AS events FROM events FINAL GROUP BY type ORDER BY events DESC"),
+                 title="Events by type", console=console)
+    print_result(*query("SELECT reason, count() AS records, any(detail) AS example FROM dead_letters FINAL "
+                        "GROUP BY reason ORDER BY records DESC"), title="Dead letters by reason", console=console)
+    columns, rows = query("SELECT * FROM customer_profiles FINAL ORDER BY purchase_count DESC, customer_key LIMIT 1")
+    console.print("\n[bold]Sample profile[/bold] (the most frequent buyer):")
+    for column, value in zip(columns, rows[0]):
+        console.print(f"  {column:<18} {value}")
+    for title, sql in EXAMPLES:
+        console.print(f"\n[bold]{title}[/bold]\n[dim]{sql.strip()}[/dim]")
+        print_result(*query(sql), console=console)

@@ -1,0 +1,136 @@
+"""The Faust worker: a thin adapter that feeds records of the events topic to `pipeline.process`
+and sends what comes out. All decisions live in pipeline.py; state lives in RocksDB-backed tables
+(on disk, restored from compacted changelog topics), never in process memory.
+
+Run with `crm worker` (or `faust -A streams.app worker`). The worker never opens ClickHouse: the
+projection writer (projections/writer.py) is the one process that does."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any, Generic, TypeVar
+
+import faust
+import orjson
+
+from schemas.codec import to_json_dict
+from streams import topics
+from streams.config import settings
+from streams.pipeline import Accepted, DeadLetter, Duplicate, ProfileChanged, SeenEvent, SourceRecord, process
+from streams.profile import CustomerProfile
+
+log = logging.getLogger("crm.worker")
+T = TypeVar("T")
+
+
+class CodecTable(MutableMapping[str, T], Generic[T]):
+    """A Faust table seen as a mapping of str -> domain object, stored as orjson bytes."""
+
+    def __init__(self, table: Any, decode: Callable[[Any], T], encode: Callable[[T], Any]):
+        self._table, self._decode, self._encode = table, decode, encode
+
+    def __getitem__(self, key: str) -> T:
+        raw = self._table[key.encode()]
+        return self._decode(orjson.loads(raw))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raw = self._table.get(key.encode())
+        return default if raw is None else self._decode(orjson.loads(raw))
+
+    def __setitem__(self, key: str, value: T) -> None:
+        self._table[key.encode()] = orjson.dumps(self._encode(value))
+
+    def __delitem__(self, key: str) -> None:
+        del self._table[key.encode()]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key.decode() for key in self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
+    record = letter.record
+    return [
+        ("crm.dlq.reason", letter.reason.encode()),
+        ("crm.dlq.detail", letter.detail.encode()[:4000]),
+        ("crm.dlq.source.topic", record.topic.encode()),
+        ("crm.dlq.source.partition", str(record.partition).encode()),
+        ("crm.dlq.source.offset", str(record.offset).encode()),
+        ("crm.dlq.source.timestamp", str(record.timestamp_ms).encode()),
+    ]
+
+
+def accepted_value(output: Accepted) -> bytes:
+    return orjson.dumps({
+        "event": to_json_dict(output.event),
+        "partition": output.record.partition,
+        "offset": output.record.offset,
+    })
+
+
+def create_app() -> faust.App:
+    config = settings()
+    app = faust.App(
+        topics.WORKER_APP_ID,
+        broker=f"kafka://{config.kafka_bootstrap}",
+        store="rocksdb://",
+        datadir=str(config.worker_dir),
+        web_enabled=False,
+        topic_partitions=topics.EVENT_PARTITIONS,
+        topic_replication_factor=config.kafka_replication,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        broker_commit_interval=1.0,
+        # Tables hold only what the folds need, as bytes; see CodecTable.
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    events = app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes, partitions=topics.EVENT_PARTITIONS)
+    accepted = app.topic(topics.ACCEPTED.name, key_type=bytes, value_type=bytes)
+    profiles_topic = app.topic(topics.PROFILES.name, key_type=bytes, value_type=bytes)
+    dead_letters = app.topic(topics.DEAD_LETTERS.name, key_type=bytes, value_type=bytes)
+
+    customer_state = app.Table(topics.CUSTOMER_STATE_TABLE, partitions=topics.EVENT_PARTITIONS,
+                               key_type=bytes, value_type=bytes)
+    seen_state = app.Table(topics.SEEN_EVENTS_TABLE, partitions=topics.EVENT_PARTITIONS,
+                           key_type=bytes, value_type=bytes)
+    profiles = CodecTable(customer_state, CustomerProfile.from_dict, CustomerProfile.to_dict)
+    seen_events = CodecTable(seen_state, SeenEvent.from_list, SeenEvent.to_list)
+    counts: Counter[str] = Counter()
+
+    @app.agent(events)
+    async def fold_events(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            record = SourceRecord(
+                key=message.key, value=message.value, partition=message.partition,
+                offset=message.offset, timestamp_ms=int(message.timestamp * 1000), topic=message.topic,
+            )
+            for output in process(record, profiles, seen_events):
+                if isinstance(output, Accepted):
+                    counts["accepted"] += 1
+                    await accepted.send(key=message.key, value=accepted_value(output))
+                elif isinstance(output, ProfileChanged):
+                    profile = output.profile
+                    await profiles_topic.send(key=profile.customer_key.encode(), value=orjson.dumps(profile.to_dict()))
+                elif isinstance(output, DeadLetter):
+                    counts[f"dead_letter.{output.reason}"] += 1
+                    log.warning("dead-lettered %s[%d]@%d: %s: %s", record.topic, record.partition, record.offset,
+                                output.reason, output.detail)
+                    await dead_letters.send(key=message.key, value=message.value, headers=dead_letter_headers(output))
+                elif isinstance(output, Duplicate):
+                    counts["duplicate"] += 1
+
+    @app.timer(interval=10.0)
+    async def report_counts() -> None:
+        if counts:
+            log.info("processed: %s", ", ".join(f"{name}={n}" for name, n in sorted(counts.items())))
+
+    return app
+
+
+app = create_app()

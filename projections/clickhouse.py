@@ -21,14 +21,16 @@ class EmbeddedDatabaseBusy(RuntimeError):
 
 
 def connect(settings: Settings) -> Client:
+    """A client whose default database is the platform's, created if missing."""
     if settings.clickhouse_dsn:
-        client = clickhouse_connect.get_client(dsn=settings.clickhouse_dsn)
-        client.command(f"CREATE DATABASE IF NOT EXISTS {settings.clickhouse_database}")
-        return client
-    _claim_embedded(settings.chdb_dir)
-    client = clickhouse_connect.get_client(interface="chdb", path=str(settings.chdb_dir))
-    client.command(f"CREATE DATABASE IF NOT EXISTS {settings.clickhouse_database}")
-    return client
+        options: dict[str, Any] = {"dsn": settings.clickhouse_dsn}
+    else:
+        _claim_embedded(settings.chdb_dir)
+        options = {"interface": "chdb", "path": str(settings.chdb_dir)}
+    bootstrap = clickhouse_connect.get_client(**options, database="default")
+    bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {settings.clickhouse_database}")
+    bootstrap.close()
+    return clickhouse_connect.get_client(**options, database=settings.clickhouse_database)
 
 
 def _claim_embedded(path: Path) -> None:

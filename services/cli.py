@@ -137,8 +137,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     except EmbeddedDatabaseBusy as exc:
         print(exc, file=sys.stderr)
         return 2
-    result = client.query(args.query, settings={"readonly": 2} if not args.write else None,
-                          database=config.clickhouse_database)
+    result = client.query(args.query, settings={"readonly": 2} if not args.write else None)
     print_result(result.column_names, result.result_rows, args.format)
     return 0
 

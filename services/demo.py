@@ -140,10 +140,9 @@ def _wait_for_pipeline(console: Console, config, sent: dict[str, int], timeout: 
 
 def _summary(console: Console, writer: ProjectionWriter, sent: dict[str, int], elapsed: float) -> None:
     client = writer.client
-    db = writer.database
 
     def query(sql: str):
-        result = client.query(sql, database=db)
+        result = client.query(sql)
         return result.column_names, result.result_rows
 
     console.rule("[bold]What happened")

@@ -31,7 +31,7 @@ class LagProbe:
         partitions = [TopicPartition(name, p) for name in topic_names
                       for p in sorted(self.consumer.partitions_for_topic(name) or ())]
         ends = self.consumer.end_offsets(partitions)
-        committed = self.admin.list_consumer_group_offsets(group)
+        committed = self.admin.list_group_offsets({group: None}).get(group, {})
         lag = 0
         for partition in partitions:
             done = committed.get(partition)

@@ -21,7 +21,8 @@ class Settings:
     kafka_replication: int = field(default_factory=lambda: int(os.environ.get("CRM_KAFKA_REPLICATION", "1")))
     # Set (http://user:pass@host:8123/crm) to use a ClickHouse server; unset means embedded chdb.
     clickhouse_dsn: str | None = field(default_factory=lambda: os.environ.get("CRM_CLICKHOUSE_DSN") or None)
-    clickhouse_database: str = field(default_factory=lambda: os.environ.get("CRM_CLICKHOUSE_DATABASE", "crm"))
+    # The DSN's path names the database (…:8123/crm); CRM_CLICKHOUSE_DATABASE overrides; default crm.
+    clickhouse_database: str = field(default_factory=lambda: _database_from_env())
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -42,6 +43,13 @@ class Settings:
     @property
     def chdb_dir(self) -> Path:
         return self.state_dir / "clickhouse"
+
+
+def _database_from_env() -> str:
+    from urllib.parse import urlparse
+
+    dsn_path = urlparse(os.environ.get("CRM_CLICKHOUSE_DSN", "")).path.strip("/")
+    return os.environ.get("CRM_CLICKHOUSE_DATABASE") or dsn_path or "crm"
 
 
 def settings() -> Settings:

@@ -174,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
     kafka.set_defaults(func=cmd_kafka)
 
     worker = sub.add_parser("worker", help="run the stream worker in the foreground")
-    worker.add_argument("--loglevel", default="info")
+    worker.add_argument("--loglevel", default="info", choices=("crit", "error", "warn", "info", "debug"))
     worker.set_defaults(func=cmd_worker)
     sub.add_parser("writer", help="run the projection writer in the foreground").set_defaults(func=cmd_writer)
 

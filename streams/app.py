@@ -85,6 +85,9 @@ def create_app() -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         broker_commit_interval=1.0,
+        # A killed worker's partitions move to a new one after this long, not faust's default minute.
+        broker_session_timeout=15.0,
+        broker_heartbeat_interval=3.0,
         # Tables hold only what the folds need, as bytes; see CodecTable.
         key_serializer="raw",
         value_serializer="raw",

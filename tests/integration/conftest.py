@@ -1,0 +1,148 @@
+"""The real parts for integration tests, started once per test session and stopped at its end:
+Apache Kafka (local KRaft broker on free 127.0.0.1 ports, or testcontainers when CRM_TESTCONTAINERS=1
+and a Docker engine exists), the Faust worker as a subprocess, and the projection writer in this
+process, owning the embedded ClickHouse (or a ClickHouse container)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaProducer
+
+from streams.config import PROJECT_ROOT, Settings, settings
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Worker:
+    """The stream worker as a real OS process, so tests can kill it like a crash would."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env, self.log_path = env, log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--loglevel", "warn"],
+                                        env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+                                        start_new_session=True)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    worker: Worker
+    writer: Any
+    producer: KafkaProducer
+
+    @property
+    def client(self):
+        return self.writer.client
+
+    def send(self, key: bytes | None, value: bytes, topic: str = "crm.events") -> None:
+        self.producer.send(topic, key=key, value=value)
+
+    def flush(self) -> None:
+        self.producer.flush()
+
+    def query(self, sql: str, parameters: dict | None = None) -> list[tuple]:
+        return self.client.query(sql, parameters=parameters).result_rows
+
+    def wait_for(self, condition: Callable[[], Any], timeout: float = 120.0, what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = condition()
+            if result:
+                return result
+            time.sleep(0.5)
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; worker log: {self.worker.log_path}")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from deploy.topics import ensure_topics
+    from projections.writer import ProjectionWriter
+
+    state_dir = tmp_path_factory.mktemp("state")
+    saved = dict(os.environ)
+    os.environ["CRM_STATE_DIR"] = str(state_dir)
+    containers: list[Any] = []
+    broker = None
+    if os.environ.get("CRM_TESTCONTAINERS") == "1":
+        containers = _start_containers()
+    else:
+        os.environ.pop("CRM_KAFKA_BOOTSTRAP", None)
+        os.environ.pop("CRM_CLICKHOUSE_DSN", None)
+        os.environ["CRM_KAFKA_PORT"] = str(_free_port())
+        os.environ["CRM_KAFKA_CONTROLLER_PORT"] = str(_free_port())
+        from deploy.kafka.broker import LocalBroker
+
+        broker = LocalBroker(settings())
+        broker.start()
+    config = settings()
+    worker = writer = producer = None
+    try:
+        ensure_topics(config)
+        worker = Worker(dict(os.environ), state_dir / "worker.log")
+        worker.start()
+        writer = ProjectionWriter(config, max_wait_ms=200)
+        writer.start_in_thread()
+        producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", linger_ms=5)
+        yield Stack(config, worker, writer, producer)
+    finally:
+        if producer:
+            producer.close()
+        if writer:
+            writer.stop()
+        if worker:
+            worker.stop()
+        if broker:
+            broker.stop()
+        for container in containers:
+            container.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _start_containers() -> list[Any]:
+    """Kafka and ClickHouse in Docker, for machines that have an engine (not this project's CI)."""
+    from testcontainers.clickhouse import ClickHouseContainer
+    from testcontainers.kafka import KafkaContainer
+
+    kafka = KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft()
+    kafka.start()
+    clickhouse = ClickHouseContainer("clickhouse/clickhouse-server:24.8")
+    clickhouse.start()
+    os.environ["CRM_KAFKA_BOOTSTRAP"] = kafka.get_bootstrap_server()
+    host, port = clickhouse.get_container_host_ip(), clickhouse.get_exposed_port(8123)
+    os.environ["CRM_CLICKHOUSE_DSN"] = f"http://{clickhouse.username}:{clickhouse.password}@{host}:{port}/crm"
+    return [kafka, clickhouse]

@@ -8,6 +8,7 @@
   crm sql "SELECT ..."          query the projections
   crm schemas export            write the JSON Schema files for producers in other languages
   crm test                      run the whole test suite
+  crm bench                     the throughput benchmark behind BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -137,7 +138,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
     except EmbeddedDatabaseBusy as exc:
         print(exc, file=sys.stderr)
         return 2
-    result = client.query(args.query, settings={"readonly": 2} if not args.write else None)
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    try:
+        result = client.query(args.query, settings={"readonly": 2} if not args.write else None)
+    except DatabaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print_result(result.column_names, result.result_rows, args.format)
     return 0
 
@@ -158,6 +165,10 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, "-m", "pytest", *args.pytest_args], cwd=PROJECT_ROOT)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return subprocess.call([sys.executable, "-m", "bench.pipeline_throughput", *args.bench_args], cwd=PROJECT_ROOT)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -200,6 +211,9 @@ def parser() -> argparse.ArgumentParser:
     test = sub.add_parser("test", help="run the whole test suite (arguments go to pytest)")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     test.set_defaults(func=cmd_test)
+    bench = sub.add_parser("bench", help="measure pipeline throughput against a plain consumer (see BENCHMARKS.md)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     return root
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import CoordinatorNotAvailableError, NodeNotReadyError
 
 from projections.writer import SINKS, WRITER_GROUP
 from streams import topics
@@ -31,7 +32,10 @@ class LagProbe:
         partitions = [TopicPartition(name, p) for name in topic_names
                       for p in sorted(self.consumer.partitions_for_topic(name) or ())]
         ends = self.consumer.end_offsets(partitions)
-        committed = self.admin.list_group_offsets({group: None}).get(group, {})
+        try:
+            committed = self.admin.list_group_offsets({group: None}).get(group, {})
+        except (CoordinatorNotAvailableError, NodeNotReadyError):
+            committed = {}  # no group has committed yet (the offsets topic may not even exist)
         lag = 0
         for partition in partitions:
             done = committed.get(partition)

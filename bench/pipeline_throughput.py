@@ -2,7 +2,7 @@
 fast a plain aiokafka consumer can merely read and decode the same topic. Both are measured in one
 run on one machine, so the ratio means something even where absolute numbers do not.
 
-    ./crm bench [--customers 2500]
+    ./crm bench [--customers 1500]
 
 It starts its own broker on free ports in a temporary state directory and removes it afterwards."""
 
@@ -15,12 +15,15 @@ import platform
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
+import orjson
 from kafka import KafkaProducer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -75,9 +78,29 @@ async def plain_consumer_rate(bootstrap: str, topic: str, total: int) -> tuple[f
     return seen / elapsed, valid
 
 
+def visibility_latencies(config, probe, messages, samples: int = 15) -> list[float]:
+    """Seconds from sending one event until the writer has committed its projection rows."""
+    from streams import topics
+
+    producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all")
+    valid = [m for m in messages if m.kind == "valid"]
+    latencies = []
+    for n in range(samples):
+        body = orjson.loads(valid[n].value)
+        body["event_id"] = str(uuid.uuid4())  # a new event, not a duplicate
+        started = time.perf_counter()
+        producer.send(topics.EVENTS.name, key=valid[n].key, value=orjson.dumps(body))
+        producer.flush()
+        while not probe.lag().caught_up:
+            time.sleep(0.05)
+        latencies.append(time.perf_counter() - started)
+    producer.close()
+    return latencies
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--customers", type=int, default=2500)
+    parser.add_argument("--customers", type=int, default=1500)
     parser.add_argument("--days", type=int, default=120)
     args = parser.parse_args()
 
@@ -129,6 +152,9 @@ def main() -> int:
         folded_at_first = 0
         while True:
             lag = probe.lag()
+            if lag.worker is None:
+                time.sleep(0.25)
+                continue
             folded = total - lag.worker
             if first_progress is None and folded > 0:
                 first_progress, folded_at_first = time.perf_counter(), folded
@@ -138,6 +164,7 @@ def main() -> int:
                 raise RuntimeError(f"a pipeline process exited; see {logs}")
             time.sleep(0.25)
         finished = time.perf_counter()
+        latencies = visibility_latencies(config, probe, messages)
         probe.close()
         rate_total = total / (finished - started)
         rate_steady = (total - folded_at_first) / (finished - first_progress)
@@ -145,6 +172,8 @@ def main() -> int:
         print(f"(b) pipeline to committed ClickHouse projections: {rate_steady:,.0f} events/s once running "
               f"({rate_total:,.0f} events/s including {first_progress - started:.0f}s of worker start-up)")
         print(f"ratio (b)/(a): {rate_steady / rate_plain:.3f}")
+        print(f"event-to-ClickHouse latency on an idle pipeline ({len(latencies)} single events): "
+              f"p50 {statistics.median(latencies):.2f}s, max {max(latencies):.2f}s")
         print(f"peak memory: worker {worker_mib:.0f} MiB, writer {writer_mib:.0f} MiB, "
               f"benchmark process (plain consumer) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     finally:

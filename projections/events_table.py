@@ -52,25 +52,6 @@ COLUMNS = [
 ]
 
 
-def _amount(event_type: str, payload: dict[str, Any]) -> tuple[Decimal, str]:
-    if event_type == "purchase_completed":
-        subtotal = sum(Decimal(line["unit_price"]) * line["quantity"] for line in payload["lines"])
-        return subtotal - Decimal(payload.get("discount", "0")), payload["currency"]
-    if event_type == "purchase_refunded":
-        return Decimal(payload["amount"]), payload["currency"]
-    return Decimal("0"), ""
-
-
-def _customer_key(event: dict[str, Any]) -> str:
-    if event.get("customer_id"):
-        return event["customer_id"]
-    for alias in ("loyalty_card", "app_user_id", "phone_hash", "email_hash", "device_id"):
-        value = event.get("identifiers", {}).get(alias)
-        if value:
-            return f"{alias}:{value}"
-    raise ValueError("accepted event without a customer key")
-
-
 def rows(records: Iterable[Any]) -> list[list[Any]]:
     """Rows from records of crm.events.accepted (see streams.app.accepted_value)."""
     out = []
@@ -78,14 +59,13 @@ def rows(records: Iterable[Any]) -> list[list[Any]]:
         data = orjson.loads(record.value)
         event, payload = data["event"], data["event"].get("payload", {})
         identifiers, source = event.get("identifiers", {}), event["source"]
-        amount, currency = _amount(event["type"], payload)
         out.append([
-            UUID(event["event_id"]), event["type"], event["schema_version"], _customer_key(event),
+            UUID(event["event_id"]), event["type"], event["schema_version"], data["customer_key"],
             event.get("customer_id"), identifiers.get("loyalty_card"), identifiers.get("app_user_id"),
             identifiers.get("phone_hash"), identifiers.get("email_hash"), identifiers.get("device_id"),
             datetime.fromisoformat(event["occurred_at"]), datetime.fromisoformat(event["received_at"]),
             source["channel"], source.get("store_id") or "", source.get("terminal_id") or "",
-            source.get("device_id") or "", amount, currency, orjson.dumps(payload).decode(),
+            source.get("device_id") or "", Decimal(data["amount"]), data["currency"], orjson.dumps(payload).decode(),
             data["partition"], data["offset"],
         ])
     return out

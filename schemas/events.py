@@ -258,6 +258,16 @@ def _event_class(type_name: str, payload: type[Model]) -> type[Envelope]:
     )
 
 
+def money_amount(payload: Model | None) -> tuple[Decimal, str] | None:
+    """The amount of money an event moves and its currency: a purchase's total after discount or a
+    refund's amount. None for events that move no money."""
+    if isinstance(payload, PurchaseCompleted):
+        return payload.total, payload.currency
+    if isinstance(payload, PurchaseRefunded):
+        return payload.amount, payload.currency
+    return None
+
+
 # (type, schema_version) -> event model. Version 1 is the only one so far.
 _MODELS: dict[tuple[str, int], type[Envelope]] = {
     (name, 1): _event_class(name, payload) for name, payload in PAYLOADS.items()

@@ -89,7 +89,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         probe = LagProbe(config)
         lag = probe.lag()
         probe.close()
-        print(f"lag: worker {lag.worker} events, writer {lag.writer} records")
+        unknown = "unknown (coordinator not ready)"
+        print(f"lag: worker {unknown if lag.worker is None else lag.worker} events, "
+              f"writer {unknown if lag.writer is None else lag.writer} records")
     return 0
 
 

@@ -128,8 +128,9 @@ def _wait_for_pipeline(console: Console, config, sent: dict[str, int], timeout: 
             folded = progress.add_task("Worker folding events", total=total)
             while time.monotonic() < deadline:
                 lag = probe.lag()
-                progress.update(folded, completed=total - lag.worker,
-                                description=f"Worker folding events (writer behind by {lag.writer})")
+                if lag.worker is not None:
+                    progress.update(folded, completed=total - lag.worker,
+                                    description=f"Worker folding events (writer behind by {lag.writer})")
                 if lag.caught_up:
                     return
                 time.sleep(1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.errors import CoordinatorNotAvailableError, NodeNotReadyError
+from kafka.errors import KafkaError
 
 from projections.writer import SINKS, WRITER_GROUP
 from streams import topics
@@ -15,8 +15,9 @@ from streams.config import Settings
 
 @dataclass(frozen=True)
 class PipelineLag:
-    worker: int  # events not yet folded by the worker
-    writer: int  # worker outputs not yet written to ClickHouse
+    # None while the broker cannot say yet (group coordinator moving or not yet elected).
+    worker: int | None  # events not yet folded by the worker
+    writer: int | None  # worker outputs not yet written to ClickHouse
 
     @property
     def caught_up(self) -> bool:
@@ -28,14 +29,16 @@ class LagProbe:
         self.admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="crm-lag")
         self.consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, client_id="crm-lag")
 
-    def _group_lag(self, group: str, topic_names: list[str]) -> int:
+    def _group_lag(self, group: str, topic_names: list[str]) -> int | None:
         partitions = [TopicPartition(name, p) for name in topic_names
                       for p in sorted(self.consumer.partitions_for_topic(name) or ())]
         ends = self.consumer.end_offsets(partitions)
         try:
             committed = self.admin.list_group_offsets({group: None}).get(group, {})
-        except (CoordinatorNotAvailableError, NodeNotReadyError):
-            committed = {}  # no group has committed yet (the offsets topic may not even exist)
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            return None
         lag = 0
         for partition in partitions:
             done = committed.get(partition)

@@ -4,13 +4,11 @@ pid file and a log under the state directory, stopped with SIGTERM (then SIGKILL
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from deploy.kafka.broker import process_alive
+from deploy.process import process_alive, terminate
 from streams.config import Settings
 
 
@@ -45,12 +43,7 @@ class Daemon:
     def stop(self, timeout: float = 30.0) -> None:
         pid = self.pid()
         if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while process_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if process_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            terminate(pid, timeout)
         self.pid_file.unlink(missing_ok=True)
 
 

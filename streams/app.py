@@ -16,6 +16,7 @@ import faust
 import orjson
 
 from schemas.codec import to_json_dict
+from schemas.events import money_amount
 from streams import topics
 from streams.config import settings
 from streams.pipeline import Accepted, DeadLetter, Duplicate, ProfileChanged, SeenEvent, SourceRecord, process
@@ -65,8 +66,14 @@ def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
 
 
 def accepted_value(output: Accepted) -> bytes:
+    """The accepted event plus what the events table needs and should not re-derive."""
+    event = output.event
+    amount, currency = money_amount(getattr(event, "payload", None)) or (0, "")
     return orjson.dumps({
-        "event": to_json_dict(output.event),
+        "event": to_json_dict(event),
+        "customer_key": event.customer_key,
+        "amount": str(amount),
+        "currency": currency,
         "partition": output.record.partition,
         "offset": output.record.offset,
     })

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -16,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.process import process_alive, terminate
 from streams.config import PROJECT_ROOT, Settings
 
 HERE = Path(__file__).resolve().parent
@@ -97,7 +97,7 @@ class LocalBroker:
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 90.0) -> BrokerStatus:
+    def start(self, timeout: float = 180.0) -> BrokerStatus:
         """Start the broker unless it already runs; return once it answers requests."""
         if self._pid_alive():
             self.wait_until_ready(timeout)
@@ -133,17 +133,8 @@ class LocalBroker:
 
     def stop(self, timeout: float = 30.0) -> None:
         pid = self._read_pid()
-        if pid is None or not process_alive(pid):
-            self.pid_file.unlink(missing_ok=True)
-            return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while process_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if process_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            while process_alive(pid):
-                time.sleep(0.1)
+        if pid is not None:
+            terminate(pid, timeout)
         self.pid_file.unlink(missing_ok=True)
 
     def status(self) -> BrokerStatus:
@@ -231,21 +222,6 @@ class LocalBroker:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _kafka_uuid() -> str:

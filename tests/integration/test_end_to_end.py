@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-import orjson
 from kafka import KafkaConsumer, TopicPartition
 
-from schemas import decode_event
 from streams import topics
 from tests.factories import encoded, event
 
@@ -111,7 +109,7 @@ def test_an_event_delivered_twice_changes_nothing(stack):
 def test_profiles_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_worker_crash(stack):
     """SIGKILL the worker mid-stream, restart it, and compare every profile and event row in ClickHouse
     with `pipeline.process` run over the same records read back from the events topic."""
-    from streams.pipeline import ProfileChanged, SourceRecord, process
+    from streams.pipeline import SourceRecord, process
 
     prefix = f"crash-{uuid.uuid4().hex[:6]}"
     customers = [f"{prefix}-{n:03d}" for n in range(200)]

@@ -1,11 +1,10 @@
 """`pipeline.process` decides everything about a record; these tests drive it with plain dicts as the
 worker's tables, including the partial-write states a crash can leave behind."""
 
-import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.pipeline import Accepted, DeadLetter, Duplicate, ProfileChanged, SeenEvent, SourceRecord, process
+from streams.pipeline import Accepted, DeadLetter, ProfileChanged, SourceRecord, process
 from tests.factories import encoded, event
 
 

@@ -144,7 +144,7 @@ def create_app() -> faust.App:
     @app.timer(interval=10.0)
     async def report_counts() -> None:
         if counts:
-            log.warning("processed so far: %s", ", ".join(f"{name}={n}" for name, n in sorted(counts.items())))
+            log.info("processed so far: %s", ", ".join(f"{name}={n}" for name, n in sorted(counts.items())))
 
     return app
 

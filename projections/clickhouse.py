@@ -26,7 +26,10 @@ def connect(settings: Settings) -> Client:
         options: dict[str, Any] = {"dsn": settings.clickhouse_dsn}
     else:
         _claim_embedded(settings.chdb_dir)
-        options = {"interface": "chdb", "path": str(settings.chdb_dir)}
+        # The embedded engine shares a small machine with Kafka and the worker: size its background
+        # pools (merges, scheduling) for that rather than for a dedicated server.
+        options = {"interface": "chdb", "path": str(settings.chdb_dir),
+                   "chdb_options": {"background_pool_size": 2, "background_schedule_pool_size": 4}}
     bootstrap = clickhouse_connect.get_client(**options, database="default")
     bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {settings.clickhouse_database}")
     bootstrap.close()

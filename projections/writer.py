@@ -41,8 +41,8 @@ SINKS: dict[str, Sink] = {
 
 
 class ProjectionWriter:
-    def __init__(self, settings: Settings, client: Client | None = None, max_batch: int = 20_000,
-                 max_wait_ms: int = 500):
+    def __init__(self, settings: Settings, client: Client | None = None, max_batch: int = 50_000,
+                 max_wait_ms: int = 1000):
         self.settings = settings
         self.database = settings.clickhouse_database
         self.client = client or connect(settings)
@@ -66,16 +66,31 @@ class ProjectionWriter:
         )
 
     def run(self) -> None:
-        """Consume until `stop()` is called."""
+        """Consume until `stop()` is called. Each insert takes whatever arrived within `max_wait_ms`
+        (up to `max_batch` records): ClickHouse wants few large inserts, and a row is still visible
+        within about a second of the worker's output."""
         consumer = self._consumer()
         try:
             while not self._stop.is_set():
-                batch = consumer.poll(timeout_ms=self.max_wait_ms, max_records=self.max_batch)
+                batch = self._gather(consumer)
                 if batch:
                     self.write(batch)
                     consumer.commit()
         finally:
             consumer.close(autocommit=False)
+
+    def _gather(self, consumer: KafkaConsumer) -> dict[Any, list[Any]]:
+        batch: dict[Any, list[Any]] = defaultdict(list)
+        count = 0
+        deadline = time.monotonic() + self.max_wait_ms / 1000
+        while count < self.max_batch and not self._stop.is_set():
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                break
+            for partition, records in consumer.poll(timeout_ms=remaining_ms, max_records=self.max_batch - count).items():
+                batch[partition].extend(records)
+                count += len(records)
+        return batch
 
     def write(self, batch: dict[Any, list[Any]]) -> None:
         by_topic: dict[str, list[Any]] = defaultdict(list)
@@ -102,15 +117,3 @@ class ProjectionWriter:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def run_forever(settings: Settings) -> None:
-    writer = ProjectionWriter(settings)
-    log.info("projection writer consuming %s into %s", ", ".join(SINKS), settings.clickhouse_dsn or settings.chdb_dir)
-    thread = writer.start_in_thread()
-    try:
-        while thread.is_alive():
-            time.sleep(1)
-    except KeyboardInterrupt:
-        writer.stop()
-        thread.join(timeout=10)

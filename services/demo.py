@@ -18,7 +18,7 @@ from projections.writer import ProjectionWriter
 from services import processes
 from services.lag import LagProbe
 from services.output import print_result
-from services.simulator import Simulator, Workload
+from services.simulator import STORES, Simulator, Workload
 from streams import topics
 from streams.config import settings
 
@@ -92,7 +92,7 @@ def _relative(path: Path) -> str:
 
 def _produce(console: Console, config, workload: Workload) -> dict[str, int]:
     simulator = Simulator(workload)
-    console.print(f"Simulating {workload.customers} customers in {len(simulator_stores())} stores over "
+    console.print(f"Simulating {workload.customers} customers in {len(STORES)} stores over "
                   f"{workload.days} days of event time ...")
     messages = list(simulator.messages())
     producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", enable_idempotence=True,
@@ -110,12 +110,6 @@ def _produce(console: Console, config, workload: Workload) -> dict[str, int]:
         progress.update(task, completed=len(messages))
     producer.close()
     return counts
-
-
-def simulator_stores() -> list[str]:
-    from services.simulator import STORES
-
-    return [store for store, _ in STORES]
 
 
 def _wait_for_pipeline(console: Console, config, sent: dict[str, int], timeout: float = 900) -> None:

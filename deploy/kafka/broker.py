@@ -193,8 +193,11 @@ class LocalBroker:
             "transaction.state.log.replication.factor=1",
             "transaction.state.log.min.isr=1",
             "group.initial.rebalance.delay.ms=0",
+            # Two cores: fewer threads than Kafka's defaults, which assume a server.
             "num.network.threads=2",
-            "num.io.threads=4",
+            "num.io.threads=2",
+            "background.threads=2",
+            "num.recovery.threads.per.data.dir=1",
             "log.cleaner.threads=1",
             "",
         ]))

@@ -160,8 +160,10 @@ def main() -> int:
                 first_progress, folded_at_first = time.perf_counter(), folded
             if lag.caught_up and folded == total:
                 break
-            if any(p.poll() is not None for p in processes):
-                raise RuntimeError(f"a pipeline process exited; see {logs}")
+            for process, name in zip(processes, ("worker", "writer")):
+                if process.poll() is not None:
+                    tail = (logs / f"{name}.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"the {name} exited with code {process.returncode}:\n{tail}")
             time.sleep(0.25)
         finished = time.perf_counter()
         latencies = visibility_latencies(config, probe, messages)

@@ -30,12 +30,12 @@ FROM events FINAL
 WHERE type = 'purchase_completed' AND store_id != ''
   AND occurred_at >= (SELECT max(occurred_at) FROM events) - INTERVAL 30 DAY
 GROUP BY store_id ORDER BY revenue_eur DESC"""),
-    ("Customers who used to buy and went quiet (no purchase in the last 45 days)", """
+    ("Customers who used to buy and went quiet (no purchase in the last 21 days)", """
 SELECT count() AS quiet_customers, round(avg(purchase_count), 1) AS avg_past_purchases,
        sum(spend['EUR']) AS past_spend_eur
 FROM customer_profiles FINAL
 WHERE purchase_count >= 3
-  AND last_purchase_at < (SELECT max(last_seen) FROM customer_profiles FINAL) - INTERVAL 45 DAY"""),
+  AND last_purchase_at < (SELECT max(last_seen) FROM customer_profiles FINAL) - INTERVAL 21 DAY"""),
 ]
 
 

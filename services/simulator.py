@@ -64,7 +64,7 @@ class Customer:
 @dataclass
 class Workload:
     customers: int = 2000
-    days: int = 120
+    days: int = 45
     seed: int = 7
     start: datetime = datetime(2026, 6, 1, tzinfo=UTC)
     bad_input_rate: float = 0.003
@@ -100,7 +100,7 @@ class Simulator:
                 joined = w.start + timedelta(days=rng.uniform(w.days * 0.6, w.days * 0.95))
             else:
                 joined = w.start + timedelta(days=rng.uniform(0, w.days * 0.3))
-            quiet_from = joined + timedelta(days=rng.uniform(20, 50)) if persona.goes_quiet else None
+            quiet_from = joined + timedelta(days=rng.uniform(10, 30)) if persona.goes_quiet else None
             customers.append(Customer(
                 customer_id=f"cust-{n:06d}", persona=persona, home_store=store, timezone=tz,
                 loyalty_card=f"LC{1000000 + n}",
@@ -183,7 +183,7 @@ class Simulator:
                                      {"session_id": self._uuid()[:18], "platform": rng.choice(("ios", "android"))})
                 if rng.random() < 0.6:
                     yield self._envelope(c, "daily_sign_in", at + timedelta(seconds=5), "app", {})
-                for i in range(rng.randint(0, 3)):
+                for i in range(rng.randint(0, 2)):
                     category = rng.choice(p.categories)
                     yield self._envelope(c, "product_viewed", at + timedelta(seconds=30 * (i + 1)), "app",
                                          {"sku": f"{category[:3]}-{rng.randint(1, 400):04d}", "category": category})

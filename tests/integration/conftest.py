@@ -63,10 +63,7 @@ class Stack:
     worker: Worker
     writer: Any
     producer: KafkaProducer
-
-    @property
-    def client(self):
-        return self.writer.client
+    client: Any  # the tests' own client: the writer's is busy in its thread
 
     def send(self, key: bytes | None, value: bytes, topic: str = "crm.events") -> None:
         self.producer.send(topic, key=key, value=value)
@@ -77,7 +74,7 @@ class Stack:
     def query(self, sql: str, parameters: dict | None = None) -> list[tuple]:
         return self.client.query(sql, parameters=parameters).result_rows
 
-    def wait_for(self, condition: Callable[[], Any], timeout: float = 120.0, what: str = "condition") -> Any:
+    def wait_for(self, condition: Callable[[], Any], timeout: float = 180.0, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             result = condition()
@@ -117,7 +114,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         writer = ProjectionWriter(config, max_wait_ms=200)
         writer.start_in_thread()
         producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", linger_ms=5)
-        yield Stack(config, worker, writer, producer)
+        from projections.clickhouse import connect
+
+        stack = Stack(config, worker, writer, producer, connect(config))
+        _wait_until_the_pipeline_runs(stack)
+        yield stack
     finally:
         if producer:
             producer.close()
@@ -131,6 +132,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             container.stop()
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _wait_until_the_pipeline_runs(stack: Stack) -> None:
+    """Worker start-up (group join, table recovery) takes from seconds to minutes on a busy two-core
+    machine; wait for it once here, so that each test's own deadline measures its own work."""
+    from tests.factories import encoded, event
+
+    warmup = event("daily_sign_in", customer_id="warmup")
+    stack.send(b"warmup", encoded(warmup))
+    stack.flush()
+    stack.wait_for(lambda: stack.query("SELECT count() FROM events WHERE event_id = {e:UUID}",
+                                       {"e": warmup["event_id"]})[0][0] == 1,
+                   timeout=600, what="the first event to reach ClickHouse")
 
 
 def _start_containers() -> list[Any]:

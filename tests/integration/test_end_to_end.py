@@ -132,7 +132,7 @@ def test_profiles_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_worker_
     stack.worker.kill()
     partway = rows_for_prefix()
     stack.worker.start()
-    stack.wait_for(lambda: rows_for_prefix() == len(sent), timeout=240, what="all events after the restart")
+    stack.wait_for(lambda: rows_for_prefix() == len(sent), timeout=600, what="all events after the restart")
 
     # The pure function over the same log.
     consumer = KafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_auto_commit=False,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ SINKS: dict[str, Sink] = {
 
 class ProjectionWriter:
     def __init__(self, settings: Settings, client: Client | None = None, max_batch: int = 50_000,
-                 max_wait_ms: int = 1000):
+                 max_wait_ms: int = 500):
         self.settings = settings
         self.database = settings.clickhouse_database
         self.client = client or connect(settings)
@@ -61,36 +60,25 @@ class ProjectionWriter:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.max_batch,
+            fetch_min_bytes=1024 * 1024,
+            fetch_max_wait_ms=self.max_wait_ms,
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=16 * 1024 * 1024,
         )
 
     def run(self) -> None:
-        """Consume until `stop()` is called. Each insert takes whatever arrived within `max_wait_ms`
-        (up to `max_batch` records): ClickHouse wants few large inserts, and a row is still visible
-        within about a second of the worker's output."""
+        """Consume until `stop()` is called. The broker gathers each fetch for up to `max_wait_ms`
+        (or until a megabyte is there), so that ClickHouse gets few large inserts while a row is
+        still visible within about a second of the worker's output."""
         consumer = self._consumer()
         try:
             while not self._stop.is_set():
-                batch = self._gather(consumer)
+                batch = consumer.poll(timeout_ms=2 * self.max_wait_ms, max_records=self.max_batch)
                 if batch:
                     self.write(batch)
                     consumer.commit()
         finally:
             consumer.close(autocommit=False)
-
-    def _gather(self, consumer: KafkaConsumer) -> dict[Any, list[Any]]:
-        batch: dict[Any, list[Any]] = defaultdict(list)
-        count = 0
-        deadline = time.monotonic() + self.max_wait_ms / 1000
-        while count < self.max_batch and not self._stop.is_set():
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                break
-            for partition, records in consumer.poll(timeout_ms=remaining_ms, max_records=self.max_batch - count).items():
-                batch[partition].extend(records)
-                count += len(records)
-        return batch
 
     def write(self, batch: dict[Any, list[Any]]) -> None:
         by_topic: dict[str, list[Any]] = defaultdict(list)

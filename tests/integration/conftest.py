@@ -111,7 +111,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ensure_topics(config)
         worker = Worker(dict(os.environ), state_dir / "worker.log")
         worker.start()
-        writer = ProjectionWriter(config, max_wait_ms=200)
+        writer = ProjectionWriter(config)
         writer.start_in_thread()
         producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", linger_ms=5)
         from projections.clickhouse import connect

@@ -98,7 +98,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import app
 
-    sys.argv = ["crm-worker", "worker", "--loglevel", args.loglevel]
+    # No Faust web server: nothing uses it, and it would bind 0.0.0.0:6066 (one worker per host).
+    sys.argv = ["crm-worker", "worker", "--without-web", "--loglevel", args.loglevel]
     app.main()
     return 0
 

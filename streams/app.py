@@ -87,6 +87,7 @@ def create_app() -> faust.App:
         store="rocksdb://",
         datadir=str(config.worker_dir),
         web_enabled=False,
+        web_host="127.0.0.1",
         topic_partitions=topics.EVENT_PARTITIONS,
         topic_replication_factor=config.kafka_replication,
         consumer_auto_offset_reset="earliest",

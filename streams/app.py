@@ -90,6 +90,8 @@ def create_app() -> faust.App:
         web_host="127.0.0.1",
         topic_partitions=topics.EVENT_PARTITIONS,
         topic_replication_factor=config.kafka_replication,
+        # deploy/topics.py creates every topic, the changelogs and the assignor topic included.
+        topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         # Batch at the edge: let outputs and changelog writes gather for a moment per request,

@@ -50,10 +50,15 @@ def changelog(table: str) -> TopicSpec:
     )
 
 
+# Faust's own coordination topic. Created here like every other topic, so that the worker never
+# needs to create topics itself (its creation path fails the start-up on a transient metadata error).
+ASSIGNOR_LEADER = TopicSpec(f"{WORKER_APP_ID}-__assignor-__leader", 1, {"cleanup.policy": "delete"},
+                            "Faust's partition-assignor leader election.")
+
 CUSTOMER_STATE_TABLE = "customer_state"
 SEEN_EVENTS_TABLE = "seen_events"
 
 ALL_TOPICS = (
     EVENTS, DEAD_LETTERS, ACCEPTED, PROFILES,
-    changelog(CUSTOMER_STATE_TABLE), changelog(SEEN_EVENTS_TABLE),
+    changelog(CUSTOMER_STATE_TABLE), changelog(SEEN_EVENTS_TABLE), ASSIGNOR_LEADER,
 )

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from schemas.clock import CLOCK_TICK_TYPE, ClockTick
 from schemas.envelope import Envelope
 from schemas.events import EVENT_TYPES, event_model
 
@@ -25,7 +26,7 @@ class DecodeError:
         return f"{self.reason}: {self.detail}"
 
 
-def decode_event(raw: bytes) -> Envelope | DecodeError:
+def decode_event(raw: bytes) -> Envelope | ClockTick | DecodeError:
     if len(raw) > MAX_EVENT_BYTES:
         return DecodeError("too_large", f"{len(raw)} bytes, the limit is {MAX_EVENT_BYTES}")
     try:
@@ -35,6 +36,11 @@ def decode_event(raw: bytes) -> Envelope | DecodeError:
     if not isinstance(data, dict):
         return DecodeError("not_an_object", f"top level is {type(data).__name__}, expected an object")
     type_name = data.get("type")
+    if type_name == CLOCK_TICK_TYPE:
+        try:
+            return ClockTick.model_validate(data)
+        except ValidationError as exc:
+            return DecodeError("schema_invalid", _describe(exc))
     if type_name not in EVENT_TYPES:
         return DecodeError("unknown_type", f"type {type_name!r} is not in the event catalog")
     version = data.get("schema_version", 1)

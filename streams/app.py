@@ -12,15 +12,21 @@ from collections import Counter
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, Generic, TypeVar
 
+import uuid
+from datetime import UTC, datetime
+
 import faust
 import orjson
 
+from schemas.clock import ClockTick
 from schemas.codec import to_json_dict
 from schemas.events import money_amount
 from streams import topics
 from streams.config import settings
-from streams.pipeline import Accepted, DeadLetter, Duplicate, ProfileChanged, SeenEvent, SourceRecord, process
-from streams.profile import CustomerProfile
+from streams.loyalty.rules import load_rules
+from streams.pipeline import (
+    Accepted, BalanceChanged, DeadLetter, Duplicate, LedgerEntry, ProfileChanged, SeenEvent, SourceRecord, process,
+)
 
 log = logging.getLogger("crm.worker")
 T = TypeVar("T")
@@ -79,8 +85,25 @@ def accepted_value(output: Accepted) -> bytes:
     })
 
 
+def committed_offset(app: faust.App, topic: str, partition: int) -> int:
+    """The consumer's last committed offset for a source partition, or -1 when unknown. Faust
+    flushes the producer before it commits, so every output of an earlier record was delivered.
+    (Faust keeps this in a private mapping; -1 only makes the outbox keep more than it must.)"""
+    committed = getattr(app.consumer, "_committed_offset", {})
+    for tp, offset in committed.items():
+        if tp.topic == topic and tp.partition == partition and offset is not None:
+            return offset
+    return -1
+
+
+def clock_tick(partition: int, now: datetime) -> bytes:
+    tick = ClockTick(event_id=uuid.uuid4(), occurred_at=now, partition=partition)
+    return orjson.dumps(tick.model_dump(mode="json"))
+
+
 def create_app() -> faust.App:
     config = settings()
+    rules = load_rules(config.loyalty_rules)
     app = faust.App(
         topics.WORKER_APP_ID,
         broker=f"kafka://{config.kafka_bootstrap}",
@@ -112,12 +135,14 @@ def create_app() -> faust.App:
     accepted = app.topic(topics.ACCEPTED.name, key_type=bytes, value_type=bytes)
     profiles_topic = app.topic(topics.PROFILES.name, key_type=bytes, value_type=bytes)
     dead_letters = app.topic(topics.DEAD_LETTERS.name, key_type=bytes, value_type=bytes)
+    points_ledger = app.topic(topics.POINTS_LEDGER.name, key_type=bytes, value_type=bytes)
+    points_balances = app.topic(topics.POINTS_BALANCES.name, key_type=bytes, value_type=bytes)
 
     customer_state = app.Table(topics.CUSTOMER_STATE_TABLE, partitions=topics.EVENT_PARTITIONS,
                                key_type=bytes, value_type=bytes)
     seen_state = app.Table(topics.SEEN_EVENTS_TABLE, partitions=topics.EVENT_PARTITIONS,
                            key_type=bytes, value_type=bytes)
-    profiles = CodecTable(customer_state, CustomerProfile.from_dict, CustomerProfile.to_dict)
+    store = CodecTable(customer_state, lambda data: data, lambda data: data)
     seen_events = CodecTable(seen_state, SeenEvent.from_list, SeenEvent.to_list)
     counts: Counter[str] = Counter()
 
@@ -129,13 +154,19 @@ def create_app() -> faust.App:
                 key=message.key, value=message.value, partition=message.partition,
                 offset=message.offset, timestamp_ms=int(message.timestamp * 1000), topic=message.topic,
             )
-            for output in process(record, profiles, seen_events):
+            committed = committed_offset(app, message.topic, message.partition)
+            for output in process(record, store, seen_events, rules, committed):
                 if isinstance(output, Accepted):
                     counts["accepted"] += 1
                     await accepted.send(key=message.key, value=accepted_value(output))
                 elif isinstance(output, ProfileChanged):
                     profile = output.profile
                     await profiles_topic.send(key=profile.customer_key.encode(), value=orjson.dumps(profile.to_dict()))
+                elif isinstance(output, LedgerEntry):
+                    counts[f"ledger.{output.data.get('kind', output.data['entry'])}"] += 1
+                    await points_ledger.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
+                elif isinstance(output, BalanceChanged):
+                    await points_balances.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
                 elif isinstance(output, DeadLetter):
                     counts[f"dead_letter.{output.reason}"] += 1
                     log.warning("dead-lettered %s[%d]@%d: %s: %s", record.topic, record.partition, record.offset,
@@ -143,6 +174,13 @@ def create_app() -> faust.App:
                     await dead_letters.send(key=message.key, value=message.value, headers=dead_letter_headers(output))
                 elif isinstance(output, Duplicate):
                     counts["duplicate"] += 1
+
+    @app.timer(interval=config.tick_seconds, on_leader=True)
+    async def tick_every_partition() -> None:
+        # The one place the wall clock is read: written into the log, it becomes event time.
+        now = datetime.now(UTC)
+        for partition in range(topics.EVENT_PARTITIONS):
+            await events.send(key=b"clock", value=clock_tick(partition, now), partition=partition)
 
     @app.timer(interval=10.0)
     async def report_counts() -> None:

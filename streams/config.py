@@ -23,6 +23,11 @@ class Settings:
     clickhouse_dsn: str | None = field(default_factory=lambda: os.environ.get("CRM_CLICKHOUSE_DSN") or None)
     # The DSN's path names the database (…:8123/crm); CRM_CLICKHOUSE_DATABASE overrides; default crm.
     clickhouse_database: str = field(default_factory=lambda: _database_from_env())
+    # The loyalty rules file (every version ever in force); default deploy/loyalty-rules.toml.
+    loyalty_rules: Path = field(default_factory=lambda: Path(
+        os.environ.get("CRM_LOYALTY_RULES", PROJECT_ROOT / "deploy" / "loyalty-rules.toml")))
+    # How often the worker's leader writes a clock tick to every events partition (schemas/clock.py).
+    tick_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_TICK_SECONDS", "60")))
 
     @property
     def kafka_bootstrap(self) -> str:

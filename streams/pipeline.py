@@ -2,14 +2,20 @@
 it finds. The Faust agent (app.py) only feeds records in and sends the outputs; tests and the
 replay checker call `process` directly with dictionaries as state.
 
+Two kinds of record: customer events, folded into the customer's profile and loyalty account; and
+clock ticks (schemas/clock.py), which bring every customer of the partition with something due up
+to the tick's event time.
+
 Exactness under at-least-once delivery rests on two guards, both kept in state:
-- `CustomerProfile.last_offset`: a record at or before it was already applied (a redelivery after a
-  crash or rebalance). Its outputs are sent again, because the crash may have lost them; every
+- `CustomerState.last_offset`: a record at or before it was already applied (a redelivery after a
+  crash or rebalance). Its outputs are sent again, because the crash may have lost them: snapshots
+  (profile, balance) as they are now, ledger entries from the outbox (streams/customer.py). Every
   projection row is versioned or keyed, so sending twice changes nothing.
 - `seen_events[event_id]`: the producer sent this event before, at another offset. Identical
   content: a duplicate, ignored. Different content: a producer bug, dead-lettered.
 The two tables are written separately, so each guard covers the case where the other's write was
-lost: see `process` for the four cases."""
+lost: see `process` for the four cases. A tick is applied once per partition clock: a tick no later
+than the partition's clock was applied before, and only re-sends what it changed."""
 
 from __future__ import annotations
 
@@ -17,9 +23,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, MutableMapping, Union
 
+from schemas.clock import ClockTick
 from schemas.codec import DecodeError, decode_event, fingerprint
 from schemas.envelope import Envelope
+from streams.customer import CustomerState
+from streams.loyalty import ledger
+from streams.loyalty.calendar import to_ms
+from streams.loyalty.rules import RulesBook
 from streams.profile import CustomerProfile, fold_profile
+from streams.timers import PartitionTimers
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +72,19 @@ class ProfileChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A points movement or a tier change (`data["entry"]` says which), for the ledger topic."""
+    customer_key: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceChanged:
+    customer_key: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     reason: str
     detail: str
@@ -73,17 +98,33 @@ class Duplicate:
     record: SourceRecord
 
 
-Output = Union[Accepted, ProfileChanged, DeadLetter, Duplicate]
+Output = Union[Accepted, ProfileChanged, LedgerEntry, BalanceChanged, DeadLetter, Duplicate]
+
+
+def customer_store_key(customer_key: str) -> str:
+    return f"c|{customer_key}"
+
+
+def load_customer(store: MutableMapping[str, Any], customer_key: str) -> CustomerState | None:
+    data = store.get(customer_store_key(customer_key))
+    return None if data is None else CustomerState.from_dict(data)
 
 
 def process(
     record: SourceRecord,
-    profiles: MutableMapping[str, CustomerProfile],
+    store: MutableMapping[str, Any],
     seen_events: MutableMapping[str, SeenEvent],
+    rules: RulesBook,
+    committed_offset: int = -1,
 ) -> list[Output]:
+    """The outputs of one record. `store` holds customer states and the partition's timers;
+    `committed_offset` is the source partition's committed offset (everything before it was
+    delivered), used only to forget outputs that no redelivery can ask for again."""
     decoded = decode_event(record.value)
     if isinstance(decoded, DecodeError):
         return [DeadLetter(decoded.reason, decoded.detail, record)]
+    if isinstance(decoded, ClockTick):
+        return _tick(decoded, record, store, rules, committed_offset)
     event = decoded
     if event.received_at is None:
         # Producers that write straight to Kafka: the broker's timestamp is the receipt time.
@@ -96,8 +137,8 @@ def process(
     event_id = str(event.event_id)
     content = fingerprint(event)
     seen = seen_events.get(event_id)
-    profile = profiles.get(key)
-    already_applied = profile is not None and profile.last_offset >= record.offset
+    state = load_customer(store, key)
+    already_applied = state is not None and state.last_offset >= record.offset
 
     if seen is not None and (seen.partition, seen.offset) != (record.partition, record.offset):
         if seen.fingerprint != content:
@@ -114,9 +155,88 @@ def process(
         # and send the outputs again in case the crash lost them.
         if seen is None:
             seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
-        return [Accepted(event, record), ProfileChanged(profile)]  # type: ignore[arg-type]
+        return [Accepted(event, record), *_resend(state, record.offset, rules)]  # type: ignore[arg-type]
 
-    profile = fold_profile(profile, event, record.offset)
-    profiles[key] = profile
+    state = state or CustomerState.new(key)
+    state.profile = fold_profile(state.profile, event, record.offset)
+    state.account, loyalty = ledger.apply(state.account, event, rules)
+    state.last_offset = record.offset
+    outputs = _loyalty_outputs(key, loyalty)
+    _save(store, state, record, outputs, rules, committed_offset)
     seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
-    return [Accepted(event, record), ProfileChanged(profile)]
+    return [Accepted(event, record), ProfileChanged(state.profile), *outputs]
+
+
+def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any], rules: RulesBook,
+          committed_offset: int) -> list[Output]:
+    if tick.partition != record.partition:
+        return [DeadLetter("misrouted_tick", f"tick for partition {tick.partition} found in partition "
+                                             f"{record.partition}", record)]
+    timers = PartitionTimers(store, record.partition)
+    now = to_ms(tick.occurred_at)
+    if now <= timers.clock_ms:
+        # Applied before (or an older tick from a second clock): re-send what it changed, if known.
+        resent: list[Output] = []
+        for customer_key in timers.swept_at(record.offset):
+            state = load_customer(store, customer_key)
+            if state is not None:
+                resent.extend(_resend(state, record.offset, rules, with_profile=False))
+        return resent
+
+    outputs: list[Output] = []
+    changed: list[str] = []
+    customer_keys, chunk_keys = timers.due(now)
+    for customer_key in customer_keys:
+        state = load_customer(store, customer_key)
+        if state is None:
+            continue
+        account, loyalty = ledger.advance(state.account, now, rules)
+        if not loyalty:
+            # Nothing due after all (a stale listing), or applied before a crash lost the rest of
+            # this tick's writes: then its outputs are in the outbox, to be sent again.
+            if state.outputs_at(record.offset):
+                changed.append(customer_key)
+                outputs.extend(_resend(state, record.offset, rules, with_profile=False))
+            continue
+        state.account = account
+        changed.append(customer_key)
+        customer_outputs = _loyalty_outputs(customer_key, loyalty)
+        _save(store, state, record, customer_outputs, rules, committed_offset, timers)
+        outputs.extend(customer_outputs)
+    timers.clock_ms = now
+    timers.record_sweep(record.offset, changed, committed_offset)
+    timers.forget(now, chunk_keys)
+    return outputs
+
+
+def _save(store: MutableMapping[str, Any], state: CustomerState, record: SourceRecord,
+          outputs: list[Output], rules: RulesBook, committed_offset: int,
+          timers: PartitionTimers | None = None) -> None:
+    """Write the customer's state, listing its next deadline in the timers first: if a crash loses
+    the tail of the changelog, it loses the state write (and the record is applied again) rather
+    than leaving a state whose deadline nobody will wake."""
+    due = ledger.next_due_ms(state.account, rules)
+    if due is not None and due != state.due_ms:
+        (timers or PartitionTimers(store, record.partition)).add(state.account.customer_key, due)
+    state.due_ms = due
+    state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, LedgerEntry)], committed_offset)
+    store[customer_store_key(state.account.customer_key)] = state.to_dict()
+
+
+def _loyalty_outputs(customer_key: str, loyalty: list[ledger.LoyaltyOutput]) -> list[Output]:
+    outputs: list[Output] = []
+    for item in loyalty:
+        if isinstance(item, ledger.Balance):
+            outputs.append(BalanceChanged(customer_key, item.to_dict()))
+        else:
+            entry = "movement" if isinstance(item, ledger.Movement) else "tier_changed"
+            outputs.append(LedgerEntry(customer_key, {"entry": entry, **item.to_dict()}))
+    return outputs
+
+
+def _resend(state: CustomerState, offset: int, rules: RulesBook, with_profile: bool = True) -> list[Output]:
+    key = state.account.customer_key
+    outputs: list[Output] = [ProfileChanged(state.profile)] if with_profile else []
+    outputs.extend(LedgerEntry(key, data) for data in state.outputs_at(offset))
+    outputs.append(BalanceChanged(key, ledger.current_balance(state.account, rules).to_dict()))
+    return outputs

@@ -42,6 +42,16 @@ PROFILES = TopicSpec(
 )
 
 
+POINTS_LEDGER = TopicSpec(
+    "crm.points-ledger", EVENT_PARTITIONS, {"cleanup.policy": "delete", "retention.ms": str(30 * 24 * 3600 * 1000)},
+    "Every points movement and tier change, keyed by customer, in order. Derived: 30 days.",
+)
+POINTS_BALANCES = TopicSpec(
+    "crm.points-balances", EVENT_PARTITIONS, COMPACTED,
+    "Latest points balance and tier per customer (versioned). Compacted.",
+)
+
+
 def changelog(table: str) -> TopicSpec:
     """Faust's changelog topic for a table; co-partitioned with the events topic."""
     return TopicSpec(
@@ -59,6 +69,6 @@ CUSTOMER_STATE_TABLE = "customer_state"
 SEEN_EVENTS_TABLE = "seen_events"
 
 ALL_TOPICS = (
-    EVENTS, DEAD_LETTERS, ACCEPTED, PROFILES,
+    EVENTS, DEAD_LETTERS, ACCEPTED, PROFILES, POINTS_LEDGER, POINTS_BALANCES,
     changelog(CUSTOMER_STATE_TABLE), changelog(SEEN_EVENTS_TABLE), ASSIGNOR_LEADER,
 )

@@ -4,8 +4,22 @@ worker's tables, including the partial-write states a crash can leave behind."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.pipeline import Accepted, DeadLetter, ProfileChanged, SourceRecord, process
+from streams.config import settings as crm_settings
+from streams.loyalty.rules import load_rules
+from streams.pipeline import Accepted, DeadLetter, ProfileChanged, SourceRecord, load_customer, process
 from tests.factories import encoded, event
+
+RULES = load_rules(crm_settings().loyalty_rules)
+
+
+class Profiles:
+    """The profiles inside a worker store, by customer key."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getitem__(self, customer_key):
+        return load_customer(self.store, customer_key).profile
 
 
 def record(body, offset, partition=0, key=None, timestamp_ms=1772359200000):
@@ -15,11 +29,11 @@ def record(body, offset, partition=0, key=None, timestamp_ms=1772359200000):
     return SourceRecord(key=key, value=value, partition=partition, offset=offset, timestamp_ms=timestamp_ms)
 
 
-def run(records, profiles=None, seen=None):
-    profiles = {} if profiles is None else profiles
+def run(records, store=None, seen=None):
+    store = {} if store is None else store
     seen = {} if seen is None else seen
-    outputs = [output for r in records for output in process(r, profiles, seen)]
-    return profiles, seen, outputs
+    outputs = [output for r in records for output in process(r, store, seen, RULES)]
+    return store, seen, outputs
 
 
 def kinds(outputs):
@@ -27,9 +41,9 @@ def kinds(outputs):
 
 
 def test_valid_event_is_accepted_and_folded():
-    profiles, seen, outputs = run([record(event(), 0)])
-    assert kinds(outputs) == ["Accepted", "ProfileChanged"]
-    assert profiles["cust-1"].purchase_count == 1
+    store, seen, outputs = run([record(event(), 0)])
+    assert kinds(outputs) == ["Accepted", "ProfileChanged", "LedgerEntry", "BalanceChanged"]
+    assert Profiles(store)["cust-1"].purchase_count == 1
     assert len(seen) == 1
 
 
@@ -54,15 +68,15 @@ def test_same_event_id_with_other_content_is_dead_lettered():
     _, _, outputs = run([record(conflicting, 1)], profiles, seen)
     assert kinds(outputs) == ["DeadLetter"]
     assert outputs[0].reason == "conflicting_duplicate"
-    assert profiles["cust-1"].purchase_count == 1
+    assert Profiles(profiles)["cust-1"].purchase_count == 1
 
 
 def test_redelivered_record_is_not_applied_again_but_its_outputs_are_resent():
     first = record(event(), 0)
     profiles, seen, _ = run([first])
     _, _, outputs = run([first], profiles, seen)
-    assert kinds(outputs) == ["Accepted", "ProfileChanged"]
-    assert profiles["cust-1"].version == 1
+    assert kinds(outputs) == ["Accepted", "ProfileChanged", "LedgerEntry", "BalanceChanged"]
+    assert Profiles(profiles)["cust-1"].version == 1
 
 
 def test_crash_that_kept_the_profile_but_lost_the_seen_marker():
@@ -70,7 +84,7 @@ def test_crash_that_kept_the_profile_but_lost_the_seen_marker():
     profiles, seen, _ = run([first])
     seen.clear()
     run([first], profiles, seen)
-    assert profiles["cust-1"].version == 1
+    assert Profiles(profiles)["cust-1"].version == 1
     assert seen  # the marker is written again
 
 
@@ -79,7 +93,7 @@ def test_crash_that_kept_the_seen_marker_but_lost_the_profile():
     profiles, seen, _ = run([first])
     profiles.clear()
     run([first], profiles, seen)
-    assert profiles["cust-1"].version == 1
+    assert Profiles(profiles)["cust-1"].version == 1
 
 
 def test_bad_records_become_dead_letters_with_their_bytes_and_position():
@@ -124,8 +138,8 @@ def to_log(bodies_in_order):
 
 
 def state_after(records):
-    profiles, _, outputs = run(records)
-    return profiles
+    store, _, outputs = run(records)
+    return store
 
 
 @settings(max_examples=60, deadline=None)
@@ -148,8 +162,9 @@ def test_duplicates_and_redelivered_suffixes_give_identical_state(unique, data):
 @settings(max_examples=40, deadline=None)
 @given(st.lists(bodies, min_size=1, max_size=25))
 def test_profile_figures_equal_direct_sums_over_the_events(unique):
-    profiles = state_after(to_log(unique))
-    for customer, profile in profiles.items():
+    store = state_after(to_log(unique))
+    for customer in {b["customer_id"] for b in unique}:
+        profile = Profiles(store)[customer]
         mine = [b for b in unique if b["customer_id"] == customer]
         purchases = [b for b in mine if b["type"] == "purchase_completed"]
         refunds = [b for b in mine if b["type"] == "purchase_refunded"]

@@ -1,0 +1,49 @@
+"""Everything the worker keeps per customer, in one value so that one state write is atomic:
+the profile, the loyalty account, the redelivery guard, and the outbox.
+
+The outbox holds the loyalty outputs (ledger movements, tier changes) of records at or after the
+source partition's committed offset. Faust flushes every output before it commits an offset, so
+anything older was delivered; anything newer may have been lost in a crash, and is re-sent when its
+record is redelivered. Profiles and balances need no outbox: their latest snapshot supersedes all
+earlier ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from streams.loyalty.ledger import Account
+from streams.profile import CustomerProfile
+
+
+@dataclass(slots=True)
+class CustomerState:
+    profile: CustomerProfile
+    account: Account
+    # Offset (in the customer's partition) of the last event applied: the redelivery guard.
+    last_offset: int = -1
+    # The deadline registered in the partition's timers (see streams/timers.py).
+    due_ms: int | None = None
+    # [[source offset, [output dicts]]], oldest first.
+    outbox: list[list[Any]] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, customer_key: str) -> CustomerState:
+        return cls(CustomerProfile(customer_key=customer_key), Account(customer_key=customer_key))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile.to_dict(), "account": self.account.to_dict(),
+                "last_offset": self.last_offset, "due_ms": self.due_ms, "outbox": self.outbox}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CustomerState:
+        return cls(CustomerProfile.from_dict(data["profile"]), Account.from_dict(data["account"]),
+                   data["last_offset"], data["due_ms"], data["outbox"])
+
+    def keep_outputs(self, offset: int, outputs: list[dict[str, Any]], committed_offset: int) -> None:
+        self.outbox = [entry for entry in self.outbox if entry[0] >= committed_offset and entry[0] != offset]
+        if outputs:
+            self.outbox.append([offset, outputs])
+
+    def outputs_at(self, offset: int) -> list[dict[str, Any]]:
+        return next((outputs for entry_offset, outputs in self.outbox if entry_offset == offset), [])

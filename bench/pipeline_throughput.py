@@ -126,12 +126,13 @@ def main() -> int:
         broker.start()
         ensure_topics(config)
         print(f"machine: {machine()}")
-        messages = list(Simulator(Workload(customers=args.customers, days=args.days, seed=11)).messages())
+        workload = Workload(customers=args.customers, days=args.days, seed=11)
+        messages = list(Simulator(workload).messages(topics.EVENT_PARTITIONS))
         producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", linger_ms=20,
                                  batch_size=1024 * 1024, enable_idempotence=True)
         started = time.perf_counter()
         for message in messages:
-            producer.send(topics.EVENTS.name, key=message.key, value=message.value)
+            producer.send(topics.EVENTS.name, key=message.key, value=message.value, partition=message.partition)
         producer.flush()
         producer.close()
         total = len(messages)

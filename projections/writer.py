@@ -9,13 +9,12 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
 from kafka import KafkaConsumer
 
-from projections import dead_letters_table, events_table, profiles_table
+from projections import dead_letters_table, events_table, points_table, profiles_table
 from projections.clickhouse import connect
 from projections.migrations import migrate
 from streams import topics
@@ -25,17 +24,28 @@ log = logging.getLogger("crm.writer")
 WRITER_GROUP = "crm-projections"
 
 
-@dataclass(frozen=True)
-class Sink:
-    table: str
-    columns: list[str]
-    rows: Callable[[Iterable[Any]], list[list[Any]]]
+# Each topic's records become rows of one or more tables: topic -> records -> {table: rows}.
+RowMaker = Callable[[Iterable[Any]], dict[str, list[list[Any]]]]
 
 
-SINKS: dict[str, Sink] = {
-    topics.ACCEPTED.name: Sink("events", events_table.COLUMNS, events_table.rows),
-    topics.PROFILES.name: Sink("customer_profiles", profiles_table.COLUMNS, profiles_table.rows),
-    topics.DEAD_LETTERS.name: Sink("dead_letters", dead_letters_table.COLUMNS, dead_letters_table.rows),
+def one_table(table: str, rows: Callable[[Iterable[Any]], list[list[Any]]]) -> RowMaker:
+    return lambda records: {table: rows(records)}
+
+
+SINKS: dict[str, RowMaker] = {
+    topics.ACCEPTED.name: one_table("events", events_table.rows),
+    topics.PROFILES.name: one_table("customer_profiles", profiles_table.rows),
+    topics.DEAD_LETTERS.name: one_table("dead_letters", dead_letters_table.rows),
+    topics.POINTS_LEDGER.name: points_table.ledger_rows,
+    topics.POINTS_BALANCES.name: points_table.balance_rows,
+}
+COLUMNS: dict[str, list[str]] = {
+    "events": events_table.COLUMNS,
+    "customer_profiles": profiles_table.COLUMNS,
+    "dead_letters": dead_letters_table.COLUMNS,
+    "points_ledger": points_table.LEDGER_COLUMNS,
+    "tier_changes": points_table.TIER_COLUMNS,
+    "points_balances": points_table.BALANCE_COLUMNS,
 }
 
 
@@ -64,6 +74,12 @@ class ProjectionWriter:
             fetch_max_wait_ms=self.max_wait_ms,
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=16 * 1024 * 1024,
+            # On a busy two-core machine the heartbeat thread can be starved for many seconds (a
+            # long ClickHouse insert holds the interpreter); a short session turns that into an
+            # endless rebalance. A crashed writer's partitions wait this long for a new owner.
+            session_timeout_ms=45_000,
+            heartbeat_interval_ms=5_000,
+            max_poll_interval_ms=600_000,
         )
 
     def run(self) -> None:
@@ -85,11 +101,10 @@ class ProjectionWriter:
         for partition, records in batch.items():
             by_topic[partition.topic].extend(records)
         for topic, records in by_topic.items():
-            sink = SINKS[topic]
-            rows = sink.rows(records)
-            if rows:
-                self.client.insert(f"{self.database}.{sink.table}", rows, column_names=sink.columns)
-                self.rows_written[sink.table] += len(rows)
+            for table, rows in SINKS[topic](records).items():
+                if rows:
+                    self.client.insert(f"{self.database}.{table}", rows, column_names=COLUMNS[table])
+                    self.rows_written[table] += len(rows)
 
     def start_in_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self._run_logged, name="projection-writer", daemon=True)

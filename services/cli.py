@@ -120,12 +120,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
     from services.simulator import Simulator, Workload, produce
-    from streams.topics import EVENTS
+    from streams.topics import EVENT_PARTITIONS, EVENTS
 
     producer = KafkaProducer(bootstrap_servers=settings().kafka_bootstrap, acks="all", enable_idempotence=True,
                              linger_ms=20, batch_size=512 * 1024)
-    counts = produce(Simulator(Workload(customers=args.customers, days=args.days, seed=args.seed)).messages(),
-                     producer, EVENTS.name)
+    workload = Workload(customers=args.customers, days=args.days, seed=args.seed)
+    counts = produce(Simulator(workload).messages(EVENT_PARTITIONS), producer, EVENTS.name)
     producer.close()
     print("sent:", ", ".join(f"{kind}={n}" for kind, n in sorted(counts.items())))
     return 0

@@ -36,6 +36,14 @@ SELECT count() AS quiet_customers, round(avg(purchase_count), 1) AS avg_past_pur
 FROM customer_profiles FINAL
 WHERE purchase_count >= 3
   AND last_purchase_at < (SELECT max(last_seen) FROM customer_profiles FINAL) - INTERVAL 21 DAY"""),
+    ("Loyalty points: movements by kind (points_ledger)", """
+SELECT kind, count() AS movements, sum(available_delta) AS available, sum(pending_delta) AS pending,
+       sum(debt_delta) AS debt
+FROM points_ledger FINAL GROUP BY kind ORDER BY movements DESC"""),
+    ("Points liability and members per tier (points_balances)", """
+SELECT tier, count() AS members, sum(available) AS available_points, sum(pending) AS pending_points,
+       sum((available + pending) * point_value) AS liability_eur, sum(expiring_soon) AS expiring_within_30_days
+FROM points_balances FINAL GROUP BY tier ORDER BY members DESC"""),
 ]
 
 
@@ -94,7 +102,7 @@ def _produce(console: Console, config, workload: Workload) -> dict[str, int]:
     simulator = Simulator(workload)
     console.print(f"Simulating {workload.customers} customers in {len(STORES)} stores over "
                   f"{workload.days} days of event time ...")
-    messages = list(simulator.messages())
+    messages = list(simulator.messages(topics.EVENT_PARTITIONS))
     producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", enable_idempotence=True,
                              linger_ms=20, batch_size=512 * 1024)
     counts: dict[str, int] = {}
@@ -102,7 +110,7 @@ def _produce(console: Console, config, workload: Workload) -> dict[str, int]:
                   console=console) as progress:
         task = progress.add_task("Producing events", total=len(messages))
         for n, message in enumerate(messages, 1):
-            producer.send(topics.EVENTS.name, key=message.key, value=message.value)
+            producer.send(topics.EVENTS.name, key=message.key, value=message.value, partition=message.partition)
             counts[message.kind] = counts.get(message.kind, 0) + 1
             if n % 2000 == 0:
                 progress.update(task, completed=n)

@@ -75,7 +75,8 @@ class Workload:
 class Message:
     key: bytes | None
     value: bytes
-    kind: str  # valid | duplicate | malformed | unknown_type | invalid
+    kind: str  # valid | duplicate | malformed | unknown_type | invalid | tick
+    partition: int | None = None  # set for clock ticks; events go where their key hashes
 
 
 class Simulator:
@@ -140,6 +141,7 @@ class Simulator:
         yield self._envelope(c, "customer_registered", c.joined, channel, {
             "name": f"Customer {c.customer_id[-6:]}", "email": f"{c.customer_id}@example.com",
             "preferred_store_id": c.home_store,
+            "birthday": f"{rng.randint(1950, 2006)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
         })
         yield self._envelope(c, "consent_changed", c.joined + timedelta(minutes=1), channel,
                              {"channel": "email", "granted": rng.random() < 0.7})
@@ -169,6 +171,12 @@ class Simulator:
                     yield self._envelope(c, "purchase_refunded", at + timedelta(days=rng.uniform(1, 20)), "pos",
                                          {"refund_id": f"ref-{order_id[4:]}", "order_id": order_id,
                                           "currency": "EUR", "amount": str(amount), "full": full}, store=store)
+            if rng.random() < 0.15:
+                # Members spend points now and then; some ask for more than they have.
+                reward, points = rng.choice((("coffee", 150), ("tote-bag", 400), ("voucher", 500), ("voucher", 120)))
+                yield self._envelope(c, "points_redemption_requested", at + timedelta(minutes=2), channel,
+                                     {"request_id": f"red-{self._uuid()[:12]}", "reward_id": reward,
+                                      "points": points}, store=store)
             if rng.random() < 0.1:
                 yield self._envelope(c, "survey_answered", at + timedelta(hours=rng.uniform(2, 48)), "app",
                                      {"survey_id": "post-purchase", "kind": "nps",
@@ -216,10 +224,16 @@ class Simulator:
             moment = start + timedelta(days=t)
             yield moment.replace(hour=self.rng.randint(8, 20))
 
-    def messages(self) -> Iterator[Message]:
-        """The records to produce: valid events (keyed by customer) with a little bad input mixed in."""
+    def messages(self, partitions: int = 0) -> Iterator[Message]:
+        """The records to produce: valid events (keyed by customer) with a little bad input mixed in,
+        and, when `partitions` is given, a clock tick to every partition at each simulated midnight,
+        as the worker's leader would have written them while that history happened."""
         rng = self.rng
+        next_tick = self.w.start + timedelta(days=1)
         for event in self.events():
+            while partitions and event["occurred_at"] >= next_tick:
+                yield from self._ticks(next_tick, partitions)
+                next_tick += timedelta(days=1)
             event = {**event, "occurred_at": event["occurred_at"].isoformat()}
             key = event["customer_id"].encode()
             value = orjson.dumps(event)
@@ -228,6 +242,12 @@ class Simulator:
                 yield Message(key, value, "duplicate")
             if rng.random() < self.w.bad_input_rate:
                 yield self._bad(event, key)
+
+    def _ticks(self, at: datetime, partitions: int) -> Iterator[Message]:
+        for partition in range(partitions):
+            tick = {"event_id": self._uuid(), "type": "clock_ticked", "occurred_at": at.isoformat(),
+                    "partition": partition}
+            yield Message(b"clock", orjson.dumps(tick), "tick", partition)
 
     def _bad(self, event: dict[str, Any], key: bytes) -> Message:
         kind = self.rng.choice(("malformed", "unknown_type", "invalid"))
@@ -242,7 +262,7 @@ class Simulator:
 def produce(messages: Iterator[Message], producer: Any, topic: str, on_sent: Any = None) -> dict[str, int]:
     counts: dict[str, int] = {}
     for message in messages:
-        producer.send(topic, key=message.key, value=message.value)
+        producer.send(topic, key=message.key, value=message.value, partition=message.partition)
         counts[message.kind] = counts.get(message.kind, 0) + 1
         if on_sent is not None:
             on_sent(message)

@@ -124,8 +124,9 @@ def create_app() -> faust.App:
         producer_max_request_size=4 * 1024 * 1024,
         # Faust's default commit interval (2.8s). Shorter ones stall processing on every commit,
         # which flushes the producer; redelivery after a crash is harmless (see pipeline.py).
-        # A killed worker's partitions move to a new one after this long, not faust's default minute.
-        broker_session_timeout=15.0,
+        # A killed worker's partitions move to a new one after this long, not faust's default
+        # minute; long enough that a starved heartbeat on a busy machine does not cause a rebalance.
+        broker_session_timeout=30.0,
         broker_heartbeat_interval=3.0,
         # Tables hold only what the folds need, as bytes; see CodecTable.
         key_serializer="raw",

@@ -80,7 +80,7 @@ class Stack:
             result = condition()
             if result:
                 return result
-            time.sleep(0.5)
+            time.sleep(1.0)
         raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; worker log: {self.worker.log_path}")
 
 

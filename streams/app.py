@@ -176,12 +176,13 @@ def create_app() -> faust.App:
                 elif isinstance(output, Duplicate):
                     counts["duplicate"] += 1
 
-    @app.timer(interval=config.tick_seconds, on_leader=True)
-    async def tick_every_partition() -> None:
-        # The one place the wall clock is read: written into the log, it becomes event time.
-        now = datetime.now(UTC)
-        for partition in range(topics.EVENT_PARTITIONS):
-            await events.send(key=b"clock", value=clock_tick(partition, now), partition=partition)
+    if config.tick_seconds > 0:
+        @app.timer(interval=config.tick_seconds, on_leader=True)
+        async def tick_every_partition() -> None:
+            # The one place the wall clock is read: written into the log, it becomes event time.
+            now = datetime.now(UTC)
+            for partition in range(topics.EVENT_PARTITIONS):
+                await events.send(key=b"clock", value=clock_tick(partition, now), partition=partition)
 
     @app.timer(interval=10.0)
     async def report_counts() -> None:

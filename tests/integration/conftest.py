@@ -65,8 +65,8 @@ class Stack:
     producer: KafkaProducer
     client: Any  # the tests' own client: the writer's is busy in its thread
 
-    def send(self, key: bytes | None, value: bytes, topic: str = "crm.events") -> None:
-        self.producer.send(topic, key=key, value=value)
+    def send(self, key: bytes | None, value: bytes, topic: str = "crm.events", partition: int | None = None) -> None:
+        self.producer.send(topic, key=key, value=value, partition=partition)
 
     def flush(self) -> None:
         self.producer.flush()
@@ -92,6 +92,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state_dir = tmp_path_factory.mktemp("state")
     saved = dict(os.environ)
     os.environ["CRM_STATE_DIR"] = str(state_dir)
+    # Tests write their own clock ticks at chosen event times, so that what time does is the same
+    # in ClickHouse and in the pure replay they compare it with.
+    os.environ["CRM_TICK_SECONDS"] = "0"
     containers: list[Any] = []
     broker = None
     if os.environ.get("CRM_TESTCONTAINERS") == "1":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -106,22 +107,56 @@ def test_an_event_delivered_twice_changes_nothing(stack):
     assert stack.query("SELECT count() FROM events WHERE customer_key = {c:String}", {"c": customer})[0][0] == 2
 
 
-def test_profiles_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_worker_crash(stack):
-    """SIGKILL the worker mid-stream, restart it, and compare every profile and event row in ClickHouse
-    with `pipeline.process` run over the same records read back from the events topic."""
-    from streams.pipeline import SourceRecord, process
+def wait_until_equal(stack, projected, expected: dict, what: str) -> None:
+    try:
+        stack.wait_for(lambda: projected() == expected, timeout=300, what=f"{what} equal to the pure fold")
+    except AssertionError:
+        got = projected()
+        missing = sorted(set(expected) - set(got))[:5]
+        extra = sorted(set(got) - set(expected))[:5]
+        differ = [(k, got[k], expected[k]) for k in sorted(set(got) & set(expected)) if got[k] != expected[k]][:5]
+        raise AssertionError(f"{what}: {len(got)} in ClickHouse, {len(expected)} expected; missing {missing}; "
+                             f"extra {extra}; different (got, want) {differ}") from None
+
+
+def tick(partition: int, at: str) -> bytes:
+    return encoded({"event_id": str(uuid.uuid4()), "type": "clock_ticked", "occurred_at": at, "partition": partition})
+
+
+def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_worker_crash(stack):
+    """SIGKILL the worker mid-stream, restart it, and compare every profile, event row, ledger
+    movement and points balance in ClickHouse with `pipeline.process` run over the same records read
+    back from the events topic. Clock ticks in the stream make points mature and expire."""
+    from streams.config import settings as crm_settings
+    from streams.loyalty.rules import load_rules
+    from streams.pipeline import BalanceChanged, LedgerEntry, SourceRecord, load_customer, process
 
     prefix = f"crash-{uuid.uuid4().hex[:6]}"
     customers = [f"{prefix}-{n:03d}" for n in range(200)]
+    kinds = ("purchase_completed", "product_viewed", "purchase_refunded", "daily_sign_in",
+             "purchase_completed", "points_redemption_requested", "content_shared", "customer_registered")
+    payloads = {
+        "points_redemption_requested": lambda n: {"request_id": f"q-{n}", "reward_id": "voucher", "points": 100},
+        "content_shared": lambda n: {"content_type": "product", "content_id": f"p-{n}"},
+        "customer_registered": lambda n: {"birthday": f"1990-{1 + n % 12:02d}-15"},
+    }
     sent = []
     for n in range(4000):
-        customer = customers[(n * 7919) % len(customers)]
-        kind = ("purchase_completed", "product_viewed", "purchase_refunded", "daily_sign_in")[n % 4]
-        body = event(kind, customer_id=customer, occurred_at=f"2026-02-{1 + n % 28:02d}T{n % 24:02d}:00:00+00:00")
+        # Every customer meets every kind of event, over four weeks of event time.
+        customer = customers[n % len(customers)]
+        kind = kinds[(n // len(customers) + n) % len(kinds)]
+        extra = {"payload": payloads[kind](n)} if kind in payloads else {}
+        occurred = datetime(2026, 2, 1, tzinfo=UTC) + timedelta(minutes=10 * n)
+        body = event(kind, customer_id=customer, occurred_at=occurred.isoformat(), **extra)
         sent.append(body)
         stack.send(customer.encode(), encoded(body))
         if n % 10 == 3:  # a producer retry
             stack.send(customer.encode(), encoded(body))
+        if n in (1000, 2500, 3999):  # time passes: points mature, later some expire
+            at = {1000: "2026-03-01T00:00:00+00:00", 2500: "2026-04-01T00:00:00+00:00",
+                  3999: "2027-02-10T00:00:00+00:00"}[n]
+            for partition in range(topics.EVENT_PARTITIONS):
+                stack.send(b"clock", tick(partition, at), partition=partition)
     stack.flush()
 
     def rows_for_prefix() -> int:
@@ -134,34 +169,61 @@ def test_profiles_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_worker_
     stack.worker.start()
     stack.wait_for(lambda: rows_for_prefix() == len(sent), timeout=600, what="all events after the restart")
 
-    # The pure function over the same log.
+    # The pure function over the same log: this test's customers and every clock tick.
+    rules = load_rules(crm_settings().loyalty_rules)
     consumer = KafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_auto_commit=False,
                              consumer_timeout_ms=5000, max_poll_records=5000)
     partitions = [TopicPartition(topics.EVENTS.name, p) for p in range(topics.EVENT_PARTITIONS)]
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
-    profiles, seen = {}, {}
+    store, seen = {}, {}
+    movements, balances = {}, {}
     for message in consumer:
-        if message.key and message.key.startswith(prefix.encode()):
-            process(SourceRecord(message.key, message.value, message.partition, message.offset,
-                                 message.timestamp, message.topic), profiles, seen)
+        if message.key and (message.key.startswith(prefix.encode()) or message.key == b"clock"):
+            record = SourceRecord(message.key, message.value, message.partition, message.offset,
+                                  message.timestamp, message.topic)
+            for output in process(record, store, seen, rules):
+                if isinstance(output, LedgerEntry) and output.data["entry"] == "movement":
+                    movements[(output.customer_key, output.data["seq"])] = (
+                        output.data["kind"], output.data["available_delta"], output.data["pending_delta"],
+                        output.data["debt_delta"], output.data["occurred_ms"])
+                elif isinstance(output, BalanceChanged):
+                    balances[output.customer_key] = (output.data["version"], output.data["available"],
+                                                     output.data["pending"], output.data["debt"],
+                                                     output.data["tier"], output.data["expiring_soon"])
     consumer.close()
+    states = {key: load_customer(store, key) for key in customers}
+    assert all(states.values())
+    assert {kind for kind, *_ in movements.values()} >= {"earned_pending", "made_available", "redeemed", "expired"}
 
-    expected = {key: p for key, p in profiles.items()}
-    assert len(expected) == len(customers)
+    want_profiles = {key: (s.profile.version, s.profile.purchase_count, s.profile.refund_count,
+                           s.profile.spend_minor.get("EUR", 0), s.profile.last_offset) for key, s in states.items()}
 
-    def projected():
+    def projected_profiles():
         rows = stack.query(
             "SELECT customer_key, version, purchase_count, refund_count, spend['EUR'], source_offset "
             "FROM customer_profiles FINAL WHERE startsWith(customer_key, {p:String})", {"p": prefix})
-        return {r[0]: r[1:] for r in rows}
+        return {r[0]: (r[1], r[2], r[3], int(r[4] * 100), r[5]) for r in rows}
 
-    want = {key: (p.version, p.purchase_count, p.refund_count, p.spend_minor.get("EUR", 0), p.last_offset)
-            for key, p in expected.items()}
-    got = stack.wait_for(lambda: (lambda rows: rows if {k: (v[0], v[1], v[2], int(v[3] * 100), v[4])
-                                                        for k, v in rows.items()} == want else None)(projected()),
-                         timeout=60, what="profiles equal to the pure fold")
-    assert len(got) == len(customers)
+    def projected_ledger():
+        rows = stack.query(
+            "SELECT customer_key, seq, kind, available_delta, pending_delta, debt_delta, "
+            "toUnixTimestamp64Milli(occurred_at) FROM points_ledger FINAL WHERE startsWith(customer_key, {p:String})",
+            {"p": prefix})
+        return {(r[0], r[1]): tuple(r[2:]) for r in rows}
+
+    def projected_balances():
+        rows = stack.query(
+            "SELECT customer_key, version, available, pending, debt, tier, expiring_soon "
+            "FROM points_balances FINAL WHERE startsWith(customer_key, {p:String})", {"p": prefix})
+        return {r[0]: tuple(r[1:]) for r in rows}
+
+    stack.wait_for(lambda: projected_profiles() == want_profiles, timeout=120, what="profiles equal to the pure fold")
+    wait_until_equal(stack, projected_ledger, movements, "ledger rows")
+    wait_until_equal(stack, projected_balances, balances, "balances")
+    # Nothing counted twice, nothing missing: no row beyond the pure fold's (FINAL or not).
+    assert stack.query("SELECT count() FROM (SELECT DISTINCT customer_key, seq FROM points_ledger "
+                       "WHERE startsWith(customer_key, {p:String}))", {"p": prefix})[0][0] == len(movements)
     ids = {r[0] for r in stack.query("SELECT toString(event_id) FROM events FINAL "
                                      "WHERE startsWith(customer_key, {p:String})", {"p": prefix})}
     assert ids == {b["event_id"] for b in sent}

@@ -244,7 +244,7 @@ def advance(account: Account, until_ms: int, book: RulesBook) -> tuple[Account, 
 def next_due_ms(account: Account, book: RulesBook) -> int | None:
     """The next event time at which time alone changes this account: a lot maturing, expiring or
     entering the reminder window, a tier review that demotes, a birthday month."""
-    rules = book.at(from_ms(account.clock_ms))
+    rules = book.at_ms(account.clock_ms)
     moments = [moment for moment, _, _ in _actions(account, rules)]
     moments += [moment for moment in _reminders(account, rules) if moment > account.clock_ms]
     return min(moments, default=None)
@@ -294,7 +294,7 @@ class _Fold:
             self.account.tier = first.name
 
     def rules(self, moment: int) -> RulesVersion:
-        return self.book.at(from_ms(moment))
+        return self.book.at_ms(moment)
 
     # --- time ---
 
@@ -618,7 +618,7 @@ def qualifying_at(account: Account, at: int, rules: RulesVersion) -> int:
 
 
 def current_balance(account: Account, book: RulesBook) -> Balance:
-    rules = book.at(from_ms(account.clock_ms))
+    rules = book.at_ms(account.clock_ms)
     return balance(account, rules, qualifying_at(account, account.clock_ms, rules))
 
 

@@ -177,9 +177,17 @@ class RulesBook(Rules):
         return versions
 
     def at(self, moment: datetime) -> RulesVersion:
+        return self.at_ms(int(moment.timestamp() * 1000))
+
+    @cached_property
+    def _starts_ms(self) -> list[int]:
+        return [int(version.effective_from.timestamp() * 1000) for version in self.versions]
+
+    def at_ms(self, millis: int) -> RulesVersion:
+        """The version in force at `millis` (epoch milliseconds); the ledger calls this per step."""
         current = self.versions[0]
-        for candidate in self.versions[1:]:
-            if candidate.effective_from <= moment:
+        for start, candidate in zip(self._starts_ms[1:], self.versions[1:]):
+            if start <= millis:
                 current = candidate
         return current
 

@@ -1,0 +1,103 @@
+"""Benchmark: what the loyalty ledger costs the worker's fold, without Kafka in the way.
+
+Runs the simulated workload's records (ticks included) through, in one process and one run:
+  baseline  decode + the profile fold alone (what the worker did before the points path);
+  full      `pipeline.process`: decode, de-duplication, profile, points ledger, clock ticks, timers,
+            outbox, with the state round-tripped through JSON bytes as the RocksDB table does.
+The ratio full / baseline is the points path's share of the worker's per-record CPU.
+
+    python -m bench.fold_cost [--customers 1000] [--days 45] [--repeat 3]"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import orjson
+
+from schemas.codec import DecodeError, decode_event
+from services.simulator import Simulator, Workload
+from streams import topics
+from streams.config import settings
+from streams.loyalty.rules import load_rules
+from streams.pipeline import SourceRecord, process
+from streams.profile import fold_profile
+
+
+class BytesTable(MutableMapping[str, Any]):
+    """A dict that stores values as orjson bytes, like the worker's RocksDB-backed tables."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        return orjson.loads(self.data[key])
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = orjson.dumps(value)
+
+    def __delitem__(self, key: str) -> None:
+        del self.data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def records(customers: int, days: int) -> list[SourceRecord]:
+    offsets: dict[int, int] = defaultdict(int)
+    out = []
+    for message in Simulator(Workload(customers=customers, days=days, seed=11)).messages(topics.EVENT_PARTITIONS):
+        partition = message.partition if message.partition is not None else zlib.crc32(message.key) % 6
+        out.append(SourceRecord(message.key, message.value, partition, offsets[partition], 1780000000000))
+        offsets[partition] += 1
+    return out
+
+
+def baseline(batch: list[SourceRecord]) -> None:
+    profiles: dict[str, Any] = {}
+    for record in batch:
+        event = decode_event(record.value)
+        if isinstance(event, DecodeError) or not hasattr(event, "customer_key"):
+            continue
+        profiles[event.customer_key] = fold_profile(profiles.get(event.customer_key), event, record.offset)
+
+
+def full(batch: list[SourceRecord]) -> None:
+    rules = load_rules(settings().loyalty_rules)
+    store, seen = BytesTable(), {}
+    for record in batch:
+        process(record, store, seen, rules)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--customers", type=int, default=1000)
+    parser.add_argument("--days", type=int, default=45)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    batch = records(args.customers, args.days)
+    print(f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
+          f"{platform.node()}; records: {len(batch)}")
+    results: dict[str, list[float]] = defaultdict(list)
+    for _ in range(args.repeat):  # interleaved, so that machine noise hits both alike
+        for name, run in (("baseline", baseline), ("full", full)):
+            started = time.perf_counter()
+            run(batch)
+            results[name].append(len(batch) / (time.perf_counter() - started))
+    for name, rates in results.items():
+        print(f"{name:>8}: median {statistics.median(rates):8.0f} records/s  (runs: {', '.join(f'{r:.0f}' for r in rates)})")
+    ratio = statistics.median(results["full"]) / statistics.median(results["baseline"])
+    print(f"full / baseline throughput: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -221,7 +221,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # `crm bench --customers 300`: everything after `bench` belongs to the benchmark's own parser.
+    bench_args: list[str] = []
+    if "bench" in argv:
+        at = argv.index("bench")
+        argv, bench_args = argv[:at + 1], argv[at + 1:]
     args = parser().parse_args(argv)
+    if bench_args:
+        args.bench_args = bench_args
     if args.state_dir:
         os.environ["CRM_STATE_DIR"] = str(Path(args.state_dir).resolve())
     from deploy.kafka.broker import BrokerError

@@ -120,7 +120,7 @@ def _produce(console: Console, config, workload: Workload) -> dict[str, int]:
     return counts
 
 
-def _wait_for_pipeline(console: Console, config, sent: dict[str, int], timeout: float = 900) -> None:
+def _wait_for_pipeline(console: Console, config, sent: dict[str, int], timeout: float = 2400) -> None:
     total = sum(sent.values())
     probe = LagProbe(config)
     deadline = time.monotonic() + timeout

@@ -116,14 +116,10 @@ def ledger_rows(records: Iterable[Any]) -> dict[str, list[list[Any]]]:
     tables: dict[str, list[list[Any]]] = defaultdict(list)
     for record in records:
         entry = orjson.loads(record.value)
-        if entry["entry"] == "movement":
-            tables["points_ledger"].append([
-                _time(entry["occurred_ms"]) if name == "occurred_at" else entry[name] for name in LEDGER_COLUMNS
-            ])
-        else:
-            tables["tier_changes"].append([
-                _time(entry["occurred_ms"]) if name == "occurred_at" else entry[name] for name in TIER_COLUMNS
-            ])
+        table, columns = (("points_ledger", LEDGER_COLUMNS) if entry["entry"] == "movement"
+                          else ("tier_changes", TIER_COLUMNS))
+        tables[table].append([_time(entry["occurred_ms"]) if name == "occurred_at" else entry[name]
+                              for name in columns])
     return tables
 
 

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from schemas.envelope import Envelope
 from schemas.events import (
@@ -654,8 +655,7 @@ def _expiry(available_ms: int, rules: RulesVersion) -> int:
     return ends
 
 
-def _zone(event: Envelope, rules: RulesVersion) -> Any:
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+def _zone(event: Envelope, rules: RulesVersion) -> ZoneInfo:
     if event.source.timezone:
         try:
             return ZoneInfo(event.source.timezone)

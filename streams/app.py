@@ -101,6 +101,16 @@ def clock_tick(partition: int, now: datetime) -> bytes:
     return orjson.dumps(tick.model_dump(mode="json"))
 
 
+class Worker(faust.Worker):
+    """Faust's worker without its terminal spinner. To spin on every log record, the spinner sets the
+    root logger to DEBUG, so every library call of `log.debug` built a record, whatever --loglevel
+    said: about 8% of the worker's CPU in a profile."""
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        self.spinner = None
+        super().on_setup_root_logger(logger, level)
+
+
 def create_app() -> faust.App:
     config = settings()
     rules = load_rules(config.loyalty_rules)
@@ -110,6 +120,7 @@ def create_app() -> faust.App:
         store="rocksdb://",
         datadir=str(config.worker_dir),
         web_enabled=False,
+        Worker=Worker,
         web_host="127.0.0.1",
         topic_partitions=topics.EVENT_PARTITIONS,
         topic_replication_factor=config.kafka_replication,

@@ -203,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
     for name, func, text in (("produce", cmd_produce, "send simulated traffic"),
                              ("demo", cmd_demo, "run the platform on simulated traffic and show the result")):
         command = sub.add_parser(name, help=text)
-        command.add_argument("--customers", type=int, default=2000)
+        command.add_argument("--customers", type=int, default=600)
         command.add_argument("--days", type=int, default=45, help="days of event time to simulate")
         command.add_argument("--seed", type=int, default=7)
         command.set_defaults(func=func)

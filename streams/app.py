@@ -130,7 +130,7 @@ def create_app() -> faust.App:
         producer_acks=-1,
         # Batch at the edge: let outputs and changelog writes gather for a moment per request,
         # instead of one produce request (and its syscalls) per record.
-        producer_linger=0.02,
+        producer_linger=0.1,
         producer_max_batch_size=512 * 1024,
         producer_max_request_size=4 * 1024 * 1024,
         # Faust's default commit interval (2.8s). Shorter ones stall processing on every commit,

@@ -155,7 +155,7 @@ def process(
         # and send the outputs again in case the crash lost them.
         if seen is None:
             seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
-        return [Accepted(event, record), *_resend(state, record.offset, rules)]  # type: ignore[arg-type]
+        return [Accepted(event, record), *_resend(state, record.offset)]  # type: ignore[arg-type]
 
     state = state or CustomerState.new(key)
     state.profile = fold_profile(state.profile, event, record.offset)
@@ -180,7 +180,7 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
         for customer_key in timers.swept_at(record.offset):
             state = load_customer(store, customer_key)
             if state is not None:
-                resent.extend(_resend(state, record.offset, rules, with_profile=False))
+                resent.extend(_resend(state, record.offset, with_profile=False))
         return resent
 
     outputs: list[Output] = []
@@ -196,7 +196,7 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
             # this tick's writes: then its outputs are in the outbox, to be sent again.
             if state.outputs_at(record.offset):
                 changed.append(customer_key)
-                outputs.extend(_resend(state, record.offset, rules, with_profile=False))
+                outputs.extend(_resend(state, record.offset, with_profile=False))
             continue
         state.account = account
         changed.append(customer_key)
@@ -234,9 +234,10 @@ def _loyalty_outputs(customer_key: str, loyalty: list[ledger.LoyaltyOutput]) -> 
     return outputs
 
 
-def _resend(state: CustomerState, offset: int, rules: RulesBook, with_profile: bool = True) -> list[Output]:
+def _resend(state: CustomerState, offset: int, with_profile: bool = True) -> list[Output]:
     key = state.account.customer_key
     outputs: list[Output] = [ProfileChanged(state.profile)] if with_profile else []
     outputs.extend(LedgerEntry(key, data) for data in state.outputs_at(offset))
-    outputs.append(BalanceChanged(key, ledger.current_balance(state.account, rules).to_dict()))
+    if state.account.last_balance is not None:
+        outputs.append(BalanceChanged(key, state.account.last_balance))
     return outputs

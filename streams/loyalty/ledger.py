@@ -15,7 +15,7 @@ deltas, so a balance always equals the sum of its movements."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -63,7 +63,7 @@ class Order:
 @dataclass(slots=True)
 class Account:
     customer_key: str
-    version: int = 0           # bumped on every change: the balance row's version
+    version: int = 0           # bumped with every balance output: the balance row's version
     seq: int = 0               # movements so far: the next movement's number
     clock_ms: int = 0          # event time this account has been brought up to
     available: int = 0
@@ -86,6 +86,7 @@ class Account:
     shares_day: str | None = None
     shares_rewarded: int = 0
     rules_version: str = ""
+    last_balance: dict[str, Any] | None = None   # the last balance output, to compare and re-send
     lots: list[Lot] = field(default_factory=list)
     orders: dict[str, Order] = field(default_factory=dict)
     qualifying: list[list[int]] = field(default_factory=list)   # [[local day start ms, amount]]
@@ -200,7 +201,12 @@ class Balance:
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)
 
+    def same_figures(self, other: dict[str, Any] | None) -> bool:
+        """Whether `other` (an earlier balance's dict) says the same, version and as-of aside."""
+        return other is not None and all(getattr(self, name) == other[name] for name in _BALANCE_FIGURES)
 
+
+_BALANCE_FIGURES = tuple(name for name in Balance.__dataclass_fields__ if name not in ("version", "as_of_ms"))
 LoyaltyOutput = Union[Movement, TierChanged, Balance]
 
 
@@ -595,12 +601,18 @@ class _Fold:
     # --- the result ---
 
     def finish(self) -> tuple[Account, list[LoyaltyOutput]]:
-        """Every call that gets here changed the account (an event always does: its clock moves)."""
+        """The account and its outputs, with a balance when anything in it changed: most events
+        (views, sessions) move only the account's clock, and a balance that says the same again
+        would only load the balance topic and table."""
         account = self.account
         rules = self.rules(account.clock_ms)
         self._prune(rules)
-        account.version += 1
-        self.outputs.append(balance(account, rules, self._qualifying_at(account.clock_ms, rules)))
+        current = balance(account, rules, self._qualifying_at(account.clock_ms, rules))
+        if self.outputs or not current.same_figures(account.last_balance):
+            account.version += 1
+            current = replace(current, version=account.version)
+            account.last_balance = current.to_dict()
+            self.outputs.append(current)
         return account, self.outputs
 
     def _prune(self, rules: RulesVersion) -> None:
@@ -616,11 +628,6 @@ def qualifying_at(account: Account, at: int, rules: RulesVersion) -> int:
     """The tier-qualifying amount over the rolling window that ends at `at`."""
     since = add_months(at, -rules.tiers.window_months, rules.zone)
     return max(0, sum(amount for day, amount in account.qualifying if since < day <= at))
-
-
-def current_balance(account: Account, book: RulesBook) -> Balance:
-    rules = book.at_ms(account.clock_ms)
-    return balance(account, rules, qualifying_at(account, account.clock_ms, rules))
 
 
 def balance(account: Account, rules: RulesVersion, qualifying: int) -> Balance:

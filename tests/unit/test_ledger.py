@@ -227,6 +227,17 @@ def test_the_rules_version_in_force_at_the_event_time_is_used_and_recorded():
     assert [(m.pending_delta, m.rules_version) for m in earned] == [(300, "2026-01"), (300, "2026-06")]
 
 
+def test_a_balance_is_output_only_when_a_figure_changed():
+    browse = ev("product_viewed", T0 + timedelta(hours=1), {"sku": "sku-1", "category": "grocery"})
+    account, out = fold([purchase(T0)])
+    first = last_balance(out)
+    account, out = ledger.apply(account, browse, BOOK)
+    assert out == []  # only the account's clock moved
+    account, out = ledger.apply(account, purchase(T0 + timedelta(hours=2), order_id="o-2"), BOOK)
+    assert last_balance(out).version == first.version + 1
+    assert last_balance(out).pending == first.pending + 100
+
+
 def test_rules_files_are_validated():
     data = BOOK.model_dump()
     bad = {**data["versions"][0]}
@@ -319,10 +330,14 @@ def test_advancing_in_one_step_or_many_gives_the_same_ledger(plan, extra_days):
     assert [m.to_dict() for m in movements(out_one)] == [m.to_dict() for m in movements(out_many)]
     if one is not None:
         # Only the clock, the snapshot count and housekeeping (dropping orders and qualifying
-        # entries no rule can use any more) may differ: a step with nothing due leaves them.
+        # entries no rule can use any more) may differ: a step with nothing due leaves them. So may
+        # the last balance's time and the rolling qualifying amount it was computed with.
         def held(account):
-            return {k: v for k, v in account.to_dict().items()
-                    if k not in ("clock_ms", "version", "orders", "qualifying")}
+            data = {k: v for k, v in account.to_dict().items()
+                    if k not in ("clock_ms", "version", "orders", "qualifying", "last_balance")}
+            data["last_balance"] = {k: v for k, v in (account.last_balance or {}).items()
+                                    if k not in ("version", "as_of_ms", "qualifying")}
+            return data
         assert held(one) == held(many)
 
 

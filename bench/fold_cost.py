@@ -28,7 +28,7 @@ from services.simulator import Simulator, Workload
 from streams import topics
 from streams.config import settings
 from streams.loyalty import ledger
-from streams.loyalty.rules import load_rules
+from streams.rulebooks import load_rulebooks
 from streams.pipeline import SourceRecord, process
 from streams.profile import fold_profile
 
@@ -85,7 +85,7 @@ def no_points(batch: list[SourceRecord]) -> None:
 
 
 def full(batch: list[SourceRecord]) -> None:
-    rules = load_rules(settings().loyalty_rules)
+    rules = load_rulebooks(settings())
     store, seen = BytesTable(), {}
     for record in batch:
         process(record, store, seen, rules)

@@ -1,6 +1,6 @@
 """`customer_profiles`: the latest profile per customer, one row per snapshot.
 
-ReplacingMergeTree(version): the highest version (count of events folded) wins, so re-sent and
+ReplacingMergeTree(version): the highest version (count of changes folded) wins, so re-sent and
 out-of-date snapshots are harmless. Query with FINAL, or argMax(column, version) GROUP BY customer_key."""
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ ORDER BY customer_key
 
 COLUMNS = [
     "customer_key", "customer_id", "version", "first_seen", "last_seen", "purchase_count", "refund_count",
-    "spend", "last_purchase_at", "channels", "stores", "source_partition", "source_offset",
+    "spend", "last_purchase_at", "channels", "stores", "source_partition", "source_offset", "lifecycle_stage",
+    "lifecycle_since",
 ]
 
 
@@ -59,6 +60,7 @@ def rows(records: Iterable[Any]) -> list[list[Any]]:
             p["purchase_count"], p["refund_count"],
             {currency: Decimal(minor) / 100 for currency, minor in p["spend_minor"].items()},
             _time(p["last_purchase_ms"]), list(p["channels"]), list(p["stores"]), partition, p["last_offset"],
+            p["lifecycle_stage"], _time(p["lifecycle_since_ms"]),
         ]
         for p, partition in newest.values()
     ]

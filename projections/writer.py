@@ -14,7 +14,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from kafka import KafkaConsumer
 
-from projections import dead_letters_table, events_table, points_table, profiles_table
+from projections import dead_letters_table, events_table, points_table, profiles_table, segments_table
 from projections.clickhouse import connect
 from projections.migrations import migrate
 from streams import topics
@@ -38,6 +38,7 @@ SINKS: dict[str, RowMaker] = {
     topics.DEAD_LETTERS.name: one_table("dead_letters", dead_letters_table.rows),
     topics.POINTS_LEDGER.name: points_table.ledger_rows,
     topics.POINTS_BALANCES.name: points_table.balance_rows,
+    topics.SEGMENT_CHANGES.name: one_table("segment_changes", segments_table.rows),
 }
 COLUMNS: dict[str, list[str]] = {
     "events": events_table.COLUMNS,
@@ -46,6 +47,7 @@ COLUMNS: dict[str, list[str]] = {
     "points_ledger": points_table.LEDGER_COLUMNS,
     "tier_changes": points_table.TIER_COLUMNS,
     "points_balances": points_table.BALANCE_COLUMNS,
+    "segment_changes": segments_table.COLUMNS,
 }
 
 

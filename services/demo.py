@@ -44,6 +44,14 @@ FROM points_ledger FINAL GROUP BY kind ORDER BY movements DESC"""),
 SELECT tier, count() AS members, sum(available) AS available_points, sum(pending) AS pending_points,
        sum((available + pending) * point_value) AS liability_eur, sum(expiring_soon) AS expiring_within_30_days
 FROM points_balances FINAL GROUP BY tier ORDER BY members DESC"""),
+    ("Lifecycle stages now (customer_profiles), and how customers moved (segment_changes)", """
+SELECT p.lifecycle_stage AS stage, count() AS customers, any(moves.moved_in) AS entries_so_far,
+       any(moves.by_time) AS of_which_time_caused
+FROM customer_profiles AS p FINAL
+LEFT JOIN (SELECT to_segment, count() AS moved_in, countIf(cause_type = 'time') AS by_time
+           FROM segment_changes FINAL WHERE dimension = 'lifecycle' GROUP BY to_segment) AS moves
+       ON moves.to_segment = p.lifecycle_stage
+GROUP BY stage ORDER BY customers DESC"""),
 ]
 
 

@@ -23,9 +23,10 @@ from schemas.codec import to_json_dict
 from schemas.events import money_amount
 from streams import topics
 from streams.config import settings
-from streams.loyalty.rules import load_rules
+from streams.rulebooks import load_rulebooks
 from streams.pipeline import (
-    Accepted, BalanceChanged, DeadLetter, Duplicate, LedgerEntry, ProfileChanged, SeenEvent, SourceRecord, process,
+    Accepted, BalanceChanged, DeadLetter, Duplicate, LedgerEntry, ProfileChanged, SeenEvent, SegmentChanged,
+    SourceRecord, process,
 )
 
 log = logging.getLogger("crm.worker")
@@ -113,7 +114,7 @@ class Worker(faust.Worker):
 
 def create_app() -> faust.App:
     config = settings()
-    rules = load_rules(config.loyalty_rules)
+    rules = load_rulebooks(config)
     app = faust.App(
         topics.WORKER_APP_ID,
         broker=f"kafka://{config.kafka_bootstrap}",
@@ -149,6 +150,7 @@ def create_app() -> faust.App:
     dead_letters = app.topic(topics.DEAD_LETTERS.name, key_type=bytes, value_type=bytes)
     points_ledger = app.topic(topics.POINTS_LEDGER.name, key_type=bytes, value_type=bytes)
     points_balances = app.topic(topics.POINTS_BALANCES.name, key_type=bytes, value_type=bytes)
+    segment_changes = app.topic(topics.SEGMENT_CHANGES.name, key_type=bytes, value_type=bytes)
 
     customer_state = app.Table(topics.CUSTOMER_STATE_TABLE, partitions=topics.EVENT_PARTITIONS,
                                key_type=bytes, value_type=bytes)
@@ -177,6 +179,9 @@ def create_app() -> faust.App:
                 elif isinstance(output, LedgerEntry):
                     counts[f"ledger.{output.data.get('kind', output.data['entry'])}"] += 1
                     await points_ledger.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
+                elif isinstance(output, SegmentChanged):
+                    counts[f"segment.{output.data['to_segment']}"] += 1
+                    await segment_changes.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
                 elif isinstance(output, BalanceChanged):
                     await points_balances.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
                 elif isinstance(output, DeadLetter):

@@ -26,6 +26,9 @@ class Settings:
     # The loyalty rules file (every version ever in force); default deploy/loyalty-rules.toml.
     loyalty_rules: Path = field(default_factory=lambda: Path(
         os.environ.get("CRM_LOYALTY_RULES", PROJECT_ROOT / "deploy" / "loyalty-rules.toml")))
+    # The segment rules file (lifecycle thresholds, every version); default deploy/segment-rules.toml.
+    segment_rules: Path = field(default_factory=lambda: Path(
+        os.environ.get("CRM_SEGMENT_RULES", PROJECT_ROOT / "deploy" / "segment-rules.toml")))
     # How often the worker's leader writes a clock tick to every events partition (schemas/clock.py);
     # 0 turns the clock off (tests that write their own ticks).
     tick_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_TICK_SECONDS", "60")))

@@ -29,8 +29,9 @@ from schemas.envelope import Envelope
 from streams.customer import CustomerState
 from streams.loyalty import ledger
 from streams.loyalty.calendar import to_ms
-from streams.loyalty.rules import RulesBook
 from streams.profile import CustomerProfile, fold_profile
+from streams.rulebooks import Rulebooks
+from streams.segments import membership
 from streams.timers import PartitionTimers
 
 
@@ -79,6 +80,13 @@ class LedgerEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentChanged:
+    """A customer entered a segment (and left the previous one), for the segment-changes topic."""
+    customer_key: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class BalanceChanged:
     customer_key: str
     data: dict[str, Any]
@@ -98,7 +106,7 @@ class Duplicate:
     record: SourceRecord
 
 
-Output = Union[Accepted, ProfileChanged, LedgerEntry, BalanceChanged, DeadLetter, Duplicate]
+Output = Union[Accepted, ProfileChanged, LedgerEntry, SegmentChanged, BalanceChanged, DeadLetter, Duplicate]
 
 
 def customer_store_key(customer_key: str) -> str:
@@ -114,7 +122,7 @@ def process(
     record: SourceRecord,
     store: MutableMapping[str, Any],
     seen_events: MutableMapping[str, SeenEvent],
-    rules: RulesBook,
+    rules: Rulebooks,
     committed_offset: int = -1,
 ) -> list[Output]:
     """The outputs of one record. `store` holds customer states and the partition's timers;
@@ -158,16 +166,20 @@ def process(
         return [Accepted(event, record), *_resend(state, record.offset)]  # type: ignore[arg-type]
 
     state = state or CustomerState.new(key)
-    state.profile = fold_profile(state.profile, event, record.offset)
-    state.account, loyalty = ledger.apply(state.account, event, rules)
+    occurred = to_ms(event.occurred_at)
+    # Time first (what the gap before this event did to the segments), then the event itself.
+    profile, passed = membership.advance(state.profile, occurred, rules.segments)
+    profile = fold_profile(profile, event, record.offset)
+    state.profile, entered = membership.settle(profile, occurred, rules.segments, event_id)
+    state.account, loyalty = ledger.apply(state.account, event, rules.loyalty)
     state.last_offset = record.offset
-    outputs = _loyalty_outputs(key, loyalty)
+    outputs = [*_segment_outputs(key, passed + entered), *_loyalty_outputs(key, loyalty)]
     _save(store, state, record, outputs, rules, committed_offset)
     seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
     return [Accepted(event, record), ProfileChanged(state.profile), *outputs]
 
 
-def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any], rules: RulesBook,
+def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any], rules: Rulebooks,
           committed_offset: int) -> list[Output]:
     if tick.partition != record.partition:
         return [DeadLetter("misrouted_tick", f"tick for partition {tick.partition} found in partition "
@@ -180,7 +192,7 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
         for customer_key in timers.swept_at(record.offset):
             state = load_customer(store, customer_key)
             if state is not None:
-                resent.extend(_resend(state, record.offset, with_profile=False))
+                resent.extend(_resend(state, record.offset))
         return resent
 
     outputs: list[Output] = []
@@ -190,17 +202,21 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
         state = load_customer(store, customer_key)
         if state is None:
             continue
-        account, loyalty = ledger.advance(state.account, now, rules)
-        if not loyalty:
+        account, loyalty = ledger.advance(state.account, now, rules.loyalty)
+        profile, passed = membership.advance(state.profile, now, rules.segments)
+        if not (loyalty or passed):
             # Nothing due after all (a stale listing), or applied before a crash lost the rest of
             # this tick's writes: then its outputs are in the outbox, to be sent again.
             if state.outputs_at(record.offset):
                 changed.append(customer_key)
-                outputs.extend(_resend(state, record.offset, with_profile=False))
+                outputs.extend(_resend(state, record.offset))
             continue
-        state.account = account
+        state.account, state.profile = account, profile
         changed.append(customer_key)
-        customer_outputs = _loyalty_outputs(customer_key, loyalty)
+        customer_outputs: list[Output] = _segment_outputs(customer_key, passed) + _loyalty_outputs(customer_key, loyalty)
+        if passed:
+            # Only a segment change makes the profile news (a new version); its clock alone is not.
+            customer_outputs.insert(0, ProfileChanged(profile))
         _save(store, state, record, customer_outputs, rules, committed_offset, timers)
         outputs.extend(customer_outputs)
     timers.clock_ms = now
@@ -210,17 +226,23 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
 
 
 def _save(store: MutableMapping[str, Any], state: CustomerState, record: SourceRecord,
-          outputs: list[Output], rules: RulesBook, committed_offset: int,
+          outputs: list[Output], rules: Rulebooks, committed_offset: int,
           timers: PartitionTimers | None = None) -> None:
     """Write the customer's state, listing its next deadline in the timers first: if a crash loses
     the tail of the changelog, it loses the state write (and the record is applied again) rather
     than leaving a state whose deadline nobody will wake."""
-    due = ledger.next_due_ms(state.account, rules)
+    deadlines = [ledger.next_due_ms(state.account, rules.loyalty), membership.next_due_ms(state.profile, rules.segments)]
+    due = min((d for d in deadlines if d is not None), default=None)
     if due is not None and due != state.due_ms:
         (timers or PartitionTimers(store, record.partition)).add(state.account.customer_key, due)
     state.due_ms = due
-    state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, LedgerEntry)], committed_offset)
+    state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, (LedgerEntry, SegmentChanged))],
+                       committed_offset)
     store[customer_store_key(state.account.customer_key)] = state.to_dict()
+
+
+def _segment_outputs(customer_key: str, changes: list[membership.SegmentChange]) -> list[Output]:
+    return [SegmentChanged(customer_key, change.to_dict()) for change in changes]
 
 
 def _loyalty_outputs(customer_key: str, loyalty: list[ledger.LoyaltyOutput]) -> list[Output]:
@@ -234,10 +256,11 @@ def _loyalty_outputs(customer_key: str, loyalty: list[ledger.LoyaltyOutput]) -> 
     return outputs
 
 
-def _resend(state: CustomerState, offset: int, with_profile: bool = True) -> list[Output]:
+def _resend(state: CustomerState, offset: int) -> list[Output]:
     key = state.account.customer_key
-    outputs: list[Output] = [ProfileChanged(state.profile)] if with_profile else []
-    outputs.extend(LedgerEntry(key, data) for data in state.outputs_at(offset))
+    outputs: list[Output] = [ProfileChanged(state.profile)]
+    outputs.extend(SegmentChanged(key, data) if data["entry"] == "segment_changed" else LedgerEntry(key, data)
+                   for data in state.outputs_at(offset))
     if state.account.last_balance is not None:
         outputs.append(BalanceChanged(key, state.account.last_balance))
     return outputs

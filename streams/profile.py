@@ -20,7 +20,7 @@ def to_millis(moment: Any) -> int:
 class CustomerProfile:
     customer_key: str
     customer_id: str | None = None
-    # How many accepted events built this profile: the row version in ClickHouse.
+    # Changes folded into this profile (events, and segment changes that time caused): the row version.
     version: int = 0
     # Offset (in the customer's events partition) of the last event applied: redelivery guard.
     last_offset: int = -1
@@ -33,6 +33,12 @@ class CustomerProfile:
     last_purchase_ms: int | None = None
     channels: tuple[str, ...] = ()
     stores: tuple[str, ...] = ()
+    # Segments (streams/segments): the event time the customer has been brought up to, the current
+    # lifecycle stage and since when, and how many segment changes there have been.
+    clock_ms: int = 0
+    lifecycle_stage: str = ""
+    lifecycle_since_ms: int | None = None
+    segment_seq: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

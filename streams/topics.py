@@ -50,6 +50,11 @@ POINTS_BALANCES = TopicSpec(
     "crm.points-balances", EVENT_PARTITIONS, COMPACTED,
     "Latest points balance and tier per customer (versioned). Compacted.",
 )
+SEGMENT_CHANGES = TopicSpec(
+    "crm.segment-changes", EVENT_PARTITIONS, {"cleanup.policy": "delete", "retention.ms": str(30 * 24 * 3600 * 1000)},
+    "Every entry of a customer into a segment (lifecycle stage), keyed by customer, in order: real-time "
+    "audiences. Derived: 30 days.",
+)
 
 
 def changelog(table: str) -> TopicSpec:
@@ -69,6 +74,6 @@ CUSTOMER_STATE_TABLE = "customer_state"
 SEEN_EVENTS_TABLE = "seen_events"
 
 ALL_TOPICS = (
-    EVENTS, DEAD_LETTERS, ACCEPTED, PROFILES, POINTS_LEDGER, POINTS_BALANCES,
+    EVENTS, DEAD_LETTERS, ACCEPTED, PROFILES, POINTS_LEDGER, POINTS_BALANCES, SEGMENT_CHANGES,
     changelog(CUSTOMER_STATE_TABLE), changelog(SEEN_EVENTS_TABLE), ASSIGNOR_LEADER,
 )

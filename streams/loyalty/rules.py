@@ -1,14 +1,10 @@
 """Loyalty rules: how points are earned, redeemed, matured and expired, and how tiers are reached.
 
-A rules file holds every version the business ever ran, each with the event time it took effect
-from. The ledger picks the version in force at each movement's event time and records its name on
-the movement, so a replay after a rules change still reproduces history: old versions stay in the
-file (they are never edited, only superseded). Validated at start-up; an invalid file stops the
-worker with the field that is wrong."""
+Versioned by event time (streams/versioned_rules.py): the ledger records the version's name on
+every movement, so a replay after a rules change still reproduces history."""
 
 from __future__ import annotations
 
-import tomllib
 from datetime import datetime
 from decimal import Decimal
 from functools import cached_property
@@ -16,14 +12,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AwareDatetime, Field, field_validator, model_validator
+
+from streams.versioned_rules import Rules, RulesVersionBase, VersionedRules, load_toml
 
 PositiveDecimal = Annotated[Decimal, Field(gt=0)]
 Points = Annotated[int, Field(ge=0)]
-
-
-class Rules(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Campaign(Rules):
@@ -133,9 +127,7 @@ class Tiers(Rules):
         return max(i for i, tier in enumerate(self.levels) if tier.threshold <= amount)
 
 
-class RulesVersion(Rules):
-    version: Annotated[str, Field(min_length=1, max_length=50)]
-    effective_from: AwareDatetime
+class RulesVersion(RulesVersionBase):
     # Calendar days (sign-in once per day, birthday month, reviews, end-of-period expiry) are taken
     # in the event source's timezone when it has one, otherwise in this one.
     timezone: str = "UTC"
@@ -161,41 +153,10 @@ class RulesVersion(Rules):
         return ZoneInfo(self.timezone)
 
 
-class RulesBook(Rules):
-    """Every rules version, oldest first; `at(moment)` is the version in force then."""
-
-    versions: Annotated[list[RulesVersion], Field(min_length=1)]
-
-    @field_validator("versions")
-    @classmethod
-    def _ordered(cls, versions: list[RulesVersion]) -> list[RulesVersion]:
-        starts = [v.effective_from for v in versions]
-        if starts != sorted(starts) or len(set(starts)) != len(starts):
-            raise ValueError("versions must be in strictly increasing effective_from order")
-        if len({v.version for v in versions}) != len(versions):
-            raise ValueError("version names must be unique")
-        return versions
-
-    def at(self, moment: datetime) -> RulesVersion:
-        return self.at_ms(int(moment.timestamp() * 1000))
-
-    @cached_property
-    def _starts_ms(self) -> list[int]:
-        return [int(version.effective_from.timestamp() * 1000) for version in self.versions]
-
-    def at_ms(self, millis: int) -> RulesVersion:
-        """The version in force at `millis` (epoch milliseconds); the ledger calls this per step."""
-        current = self.versions[0]
-        for start, candidate in zip(self._starts_ms[1:], self.versions[1:]):
-            if start <= millis:
-                current = candidate
-        return current
+class RulesBook(VersionedRules[RulesVersion]):
+    """Every loyalty rules version, oldest first."""
 
 
 def load_rules(path: Path) -> RulesBook:
     """The rules book in `path`; raises ValueError naming the file and every invalid field."""
-    try:
-        with open(path, "rb") as handle:
-            return RulesBook.model_validate(tomllib.load(handle))
-    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
-        raise ValueError(f"loyalty rules {path}: {exc}") from exc
+    return load_toml(RulesBook, path, "loyalty rules")

@@ -125,11 +125,12 @@ def tick(partition: int, at: str) -> bytes:
 
 def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_worker_crash(stack):
     """SIGKILL the worker mid-stream, restart it, and compare every profile, event row, ledger
-    movement and points balance in ClickHouse with `pipeline.process` run over the same records read
-    back from the events topic. Clock ticks in the stream make points mature and expire."""
+    movement, points balance and segment change in ClickHouse with `pipeline.process` run over the
+    same records read back from the events topic. Clock ticks in the stream make points mature and
+    expire, and move quiet customers from stage to stage."""
     from streams.config import settings as crm_settings
-    from streams.loyalty.rules import load_rules
-    from streams.pipeline import BalanceChanged, LedgerEntry, SourceRecord, load_customer, process
+    from streams.rulebooks import load_rulebooks
+    from streams.pipeline import BalanceChanged, LedgerEntry, SegmentChanged, SourceRecord, load_customer, process
 
     prefix = f"crash-{uuid.uuid4().hex[:6]}"
     customers = [f"{prefix}-{n:03d}" for n in range(120)]
@@ -170,14 +171,14 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
     stack.wait_for(lambda: rows_for_prefix() == len(sent), timeout=1500, what="all events after the restart")
 
     # The pure function over the same log: this test's customers and every clock tick.
-    rules = load_rules(crm_settings().loyalty_rules)
+    rules = load_rulebooks(crm_settings())
     consumer = KafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_auto_commit=False,
                              consumer_timeout_ms=5000, max_poll_records=5000)
     partitions = [TopicPartition(topics.EVENTS.name, p) for p in range(topics.EVENT_PARTITIONS)]
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
     store, seen = {}, {}
-    movements, balances = {}, {}
+    movements, balances, segment_changes = {}, {}, {}
     for message in consumer:
         if message.key and (message.key.startswith(prefix.encode()) or message.key == b"clock"):
             record = SourceRecord(message.key, message.value, message.partition, message.offset,
@@ -187,6 +188,10 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
                     movements[(output.customer_key, output.data["seq"])] = (
                         output.data["kind"], output.data["available_delta"], output.data["pending_delta"],
                         output.data["debt_delta"], output.data["occurred_ms"])
+                elif isinstance(output, SegmentChanged):
+                    segment_changes[(output.customer_key, output.data["seq"])] = (
+                        output.data["from_segment"], output.data["to_segment"], output.data["occurred_ms"],
+                        output.data["cause_type"])
                 elif isinstance(output, BalanceChanged):
                     balances[output.customer_key] = (output.data["version"], output.data["as_of_ms"],
                                                      output.data["available"], output.data["pending"],
@@ -197,14 +202,16 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
     assert all(states.values())
     assert {kind for kind, *_ in movements.values()} >= {"earned_pending", "made_available", "redeemed", "expired"}
 
+    assert {to for _, to, _, _ in segment_changes.values()} >= {"new", "active", "dormant", "lost"}
     want_profiles = {key: (s.profile.version, s.profile.purchase_count, s.profile.refund_count,
-                           s.profile.spend_minor.get("EUR", 0), s.profile.last_offset) for key, s in states.items()}
+                           s.profile.spend_minor.get("EUR", 0), s.profile.last_offset, s.profile.lifecycle_stage)
+                     for key, s in states.items()}
 
     def projected_profiles():
         rows = stack.query(
-            "SELECT customer_key, version, purchase_count, refund_count, spend['EUR'], source_offset "
+            "SELECT customer_key, version, purchase_count, refund_count, spend['EUR'], source_offset, lifecycle_stage "
             "FROM customer_profiles FINAL WHERE startsWith(customer_key, {p:String})", {"p": prefix})
-        return {r[0]: (r[1], r[2], r[3], int(r[4] * 100), r[5]) for r in rows}
+        return {r[0]: (r[1], r[2], r[3], int(r[4] * 100), r[5], r[6]) for r in rows}
 
     def projected_ledger():
         rows = stack.query(
@@ -226,6 +233,14 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
     assert 0 < partway  # the crash really happened mid-stream
     wait_until_equal(stack, projected_ledger, movements, "ledger rows")
     wait_until_equal(stack, projected_balances, balances, "balances")
+
+    def projected_segment_changes():
+        rows = stack.query(
+            "SELECT customer_key, seq, from_segment, to_segment, toUnixTimestamp64Milli(occurred_at), cause_type "
+            "FROM segment_changes FINAL WHERE startsWith(customer_key, {p:String})", {"p": prefix})
+        return {(r[0], r[1]): tuple(r[2:]) for r in rows}
+
+    wait_until_equal(stack, projected_segment_changes, segment_changes, "segment changes")
     # Nothing counted twice, nothing missing: no row beyond the pure fold's (FINAL or not).
     assert stack.query("SELECT count() FROM (SELECT DISTINCT customer_key, seq FROM points_ledger "
                        "WHERE startsWith(customer_key, {p:String}))", {"p": prefix})[0][0] == len(movements)
@@ -248,3 +263,21 @@ def test_the_loyalty_sql_in_the_docs_runs_and_balances_equal_their_movements(sta
     results = [stack.query(statement) for statement in statements]
     assert results[-1] == []
     assert results[0][0][0] >= 0  # liability: available points
+
+
+def test_the_segment_sql_in_the_docs_runs_and_agrees_with_the_profiles(stack):
+    """Every query in docs/segments.md runs; customers per stage from the change history (each
+    customer's last change) equal the stages in the profiles."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "segments.md").read_text()
+    statements = re.findall(r"```sql\n(.*?)```", text, flags=re.S)
+    assert len(statements) >= 4
+    for statement in statements:
+        stack.query(statement)
+    by_history = "SELECT argMax(to_segment, seq) AS stage, customer_key FROM segment_changes FINAL " \
+                 "WHERE dimension = 'lifecycle' GROUP BY customer_key"
+    stack.wait_for(lambda: dict((k, s) for s, k in stack.query(by_history)) == dict(stack.query(
+        "SELECT customer_key, lifecycle_stage FROM customer_profiles FINAL WHERE lifecycle_stage != ''")),
+        timeout=120, what="the last change of every customer equal to the stage in the profile")

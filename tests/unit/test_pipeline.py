@@ -5,11 +5,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.config import settings as crm_settings
-from streams.loyalty.rules import load_rules
+from streams.rulebooks import load_rulebooks
 from streams.pipeline import Accepted, DeadLetter, ProfileChanged, SourceRecord, load_customer, process
 from tests.factories import encoded, event
 
-RULES = load_rules(crm_settings().loyalty_rules)
+RULES = load_rulebooks(crm_settings())
 
 
 class Profiles:
@@ -42,7 +42,7 @@ def kinds(outputs):
 
 def test_valid_event_is_accepted_and_folded():
     store, seen, outputs = run([record(event(), 0)])
-    assert kinds(outputs) == ["Accepted", "ProfileChanged", "LedgerEntry", "BalanceChanged"]
+    assert kinds(outputs) == ["Accepted", "ProfileChanged", "SegmentChanged", "LedgerEntry", "BalanceChanged"]
     assert Profiles(store)["cust-1"].purchase_count == 1
     assert len(seen) == 1
 
@@ -75,7 +75,7 @@ def test_redelivered_record_is_not_applied_again_but_its_outputs_are_resent():
     first = record(event(), 0)
     profiles, seen, _ = run([first])
     _, _, outputs = run([first], profiles, seen)
-    assert kinds(outputs) == ["Accepted", "ProfileChanged", "LedgerEntry", "BalanceChanged"]
+    assert kinds(outputs) == ["Accepted", "ProfileChanged", "SegmentChanged", "LedgerEntry", "BalanceChanged"]
     assert Profiles(profiles)["cust-1"].version == 1
 
 

@@ -1,13 +1,14 @@
 """`customer_profiles`: the latest profile per customer, one row per snapshot.
 
 ReplacingMergeTree(version): the highest version (count of changes folded) wins, so re-sent and
-out-of-date snapshots are harmless. Query with FINAL, or argMax(column, version) GROUP BY customer_key."""
+out-of-date snapshots are harmless. Query with FINAL, or argMax(column, version) GROUP BY customer_key.
+What each column means, and how it is computed: docs/profiles.md."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
 
@@ -32,17 +33,76 @@ CREATE TABLE IF NOT EXISTS {db}.customer_profiles
 ENGINE = ReplacingMergeTree(version)
 ORDER BY customer_key
 """),
-]
-
-COLUMNS = [
-    "customer_key", "customer_id", "version", "first_seen", "last_seen", "purchase_count", "refund_count",
-    "spend", "last_purchase_at", "channels", "stores", "source_partition", "source_offset", "lifecycle_stage",
-    "lifecycle_since",
+    (8, """
+ALTER TABLE {db}.customer_profiles
+    ADD COLUMN IF NOT EXISTS lifecycle_stage LowCardinality(String) DEFAULT '' COMMENT 'new, active, dormant or lost',
+    ADD COLUMN IF NOT EXISTS lifecycle_since Nullable(DateTime64(3, 'UTC'))
+"""),
+    (9, """
+ALTER TABLE {db}.customer_profiles
+    ADD COLUMN IF NOT EXISTS as_of DateTime64(3, 'UTC') COMMENT 'event time the trailing figures and the stage are as of',
+    ADD COLUMN IF NOT EXISTS aliases Array(String) COMMENT 'type:value: loyalty_card, app_user_id, phone_hash, email_hash, device_id',
+    ADD COLUMN IF NOT EXISTS contact Array(LowCardinality(String)) COMMENT 'contact fields given: email, phone, address, birthday',
+    ADD COLUMN IF NOT EXISTS marketing_consent Array(LowCardinality(String)) COMMENT 'channels with marketing consent granted now',
+    ADD COLUMN IF NOT EXISTS refunded Map(LowCardinality(String), Decimal(18, 2)),
+    ADD COLUMN IF NOT EXISTS average_order_value Map(LowCardinality(String), Decimal(18, 2)) COMMENT 'order totals before refunds / orders',
+    ADD COLUMN IF NOT EXISTS spend_30d Map(LowCardinality(String), Decimal(18, 2)) COMMENT 'net: purchases minus refunds dated in the window',
+    ADD COLUMN IF NOT EXISTS spend_90d Map(LowCardinality(String), Decimal(18, 2)),
+    ADD COLUMN IF NOT EXISTS spend_365d Map(LowCardinality(String), Decimal(18, 2)),
+    ADD COLUMN IF NOT EXISTS favourite_categories Array(String) COMMENT 'top 3 by units bought, ties by name',
+    ADD COLUMN IF NOT EXISTS favourite_store String COMMENT 'most purchases, ties by name',
+    ADD COLUMN IF NOT EXISTS favourite_channel LowCardinality(String) COMMENT 'most events, ties by name',
+    ADD COLUMN IF NOT EXISTS session_count UInt32,
+    ADD COLUMN IF NOT EXISTS sign_in_count UInt32,
+    ADD COLUMN IF NOT EXISTS sessions_30d UInt32,
+    ADD COLUMN IF NOT EXISTS sign_ins_30d UInt32,
+    ADD COLUMN IF NOT EXISTS nps_latest Nullable(UInt8),
+    ADD COLUMN IF NOT EXISTS nps_trend Nullable(Int8) COMMENT 'latest minus the one before',
+    ADD COLUMN IF NOT EXISTS csat_latest Nullable(UInt8),
+    ADD COLUMN IF NOT EXISTS csat_trend Nullable(Int8),
+    ADD COLUMN IF NOT EXISTS complaint_count UInt32,
+    ADD COLUMN IF NOT EXISTS open_complaints UInt32,
+    ADD COLUMN IF NOT EXISTS points_available Int64,
+    ADD COLUMN IF NOT EXISTS points_pending Int64,
+    ADD COLUMN IF NOT EXISTS tier LowCardinality(String)
+"""),
 ]
 
 
 def _time(millis: int | None) -> datetime | None:
     return None if millis is None else datetime.fromtimestamp(millis / 1000, UTC)
+
+
+def _money(minor: dict[str, int]) -> dict[str, Decimal]:
+    return {currency: Decimal(amount) / 100 for currency, amount in minor.items()}
+
+
+def _same(name: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda record: record[name]
+
+
+# Column -> how it is read from a record of crm.customer-profiles (`CustomerProfile.to_record`).
+_READERS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "customer_key": _same("customer_key"),
+    "customer_id": _same("customer_id"),
+    "version": _same("version"),
+    "as_of": lambda r: _time(r["as_of_ms"]),
+    "first_seen": lambda r: _time(r["first_seen_ms"]),
+    "last_seen": lambda r: _time(r["last_seen_ms"]),
+    **{name: _same(name) for name in ("aliases", "contact", "marketing_consent", "purchase_count", "refund_count")},
+    "spend": lambda r: _money(r["spend_minor"]),
+    "refunded": lambda r: _money(r["refunded_minor"]),
+    "average_order_value": lambda r: _money(r["average_order_minor"]),
+    **{f"spend_{days}d": (lambda days: lambda r: _money(r[f"spend_{days}d_minor"]))(days) for days in (30, 90, 365)},
+    "last_purchase_at": lambda r: _time(r["last_purchase_ms"]),
+    **{name: _same(name) for name in (
+        "favourite_categories", "favourite_store", "favourite_channel", "channels", "stores", "session_count",
+        "sign_in_count", "sessions_30d", "sign_ins_30d", "nps_latest", "nps_trend", "csat_latest", "csat_trend",
+        "complaint_count", "open_complaints", "points_available", "points_pending", "tier", "lifecycle_stage")},
+    "lifecycle_since": lambda r: _time(r["lifecycle_since_ms"]),
+    "source_offset": _same("last_offset"),
+}
+COLUMNS = [*_READERS, "source_partition"]
 
 
 def rows(records: Iterable[Any]) -> list[list[Any]]:
@@ -54,13 +114,4 @@ def rows(records: Iterable[Any]) -> list[list[Any]]:
         current = newest.get(profile["customer_key"])
         if current is None or profile["version"] > current[0]["version"]:
             newest[profile["customer_key"]] = (profile, record.partition)
-    return [
-        [
-            p["customer_key"], p["customer_id"], p["version"], _time(p["first_seen_ms"]), _time(p["last_seen_ms"]),
-            p["purchase_count"], p["refund_count"],
-            {currency: Decimal(minor) / 100 for currency, minor in p["spend_minor"].items()},
-            _time(p["last_purchase_ms"]), list(p["channels"]), list(p["stores"]), partition, p["last_offset"],
-            p["lifecycle_stage"], _time(p["lifecycle_since_ms"]),
-        ]
-        for p, partition in newest.values()
-    ]
+    return [[read(profile) for read in _READERS.values()] + [partition] for profile, partition in newest.values()]

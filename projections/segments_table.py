@@ -28,11 +28,6 @@ CREATE TABLE IF NOT EXISTS {db}.segment_changes
 ENGINE = ReplacingMergeTree
 ORDER BY (customer_key, seq)
 """),
-    (8, """
-ALTER TABLE {db}.customer_profiles
-    ADD COLUMN IF NOT EXISTS lifecycle_stage LowCardinality(String) DEFAULT '' COMMENT 'new, active, dormant or lost',
-    ADD COLUMN IF NOT EXISTS lifecycle_since Nullable(DateTime64(3, 'UTC'))
-"""),
 ]
 
 COLUMNS = ["customer_key", "seq", "dimension", "from_segment", "to_segment", "occurred_at", "cause_event_id",

@@ -98,6 +98,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import shutil
 
+    from deploy.topics import ensure_start_offsets
+    from streams import topics
     from streams.app import app
 
     # The local RocksDB tables are a cache of the changelog topics; rebuild them from the changelog on
@@ -106,6 +108,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # keeping a newer value of another: a mix the partition timers and the customer states must not
     # see (a customer rolled back to before a tick that the timers already count as applied).
     shutil.rmtree(app.conf.tabledir, ignore_errors=True)
+    ensure_start_offsets(settings(), topics.WORKER_APP_ID, topics.EVENTS)
     # No Faust web server: nothing uses it, and it would bind 0.0.0.0:6066 (one worker per host).
     sys.argv = ["crm-worker", "worker", "--without-web", "--loglevel", args.loglevel]
     app.main()
@@ -203,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
     for name, func, text in (("produce", cmd_produce, "send simulated traffic"),
                              ("demo", cmd_demo, "run the platform on simulated traffic and show the result")):
         command = sub.add_parser(name, help=text)
-        command.add_argument("--customers", type=int, default=600)
+        command.add_argument("--customers", type=int, default=3000)
         command.add_argument("--days", type=int, default=45, help="days of event time to simulate")
         command.add_argument("--seed", type=int, default=7)
         command.set_defaults(func=func)

@@ -69,6 +69,7 @@ class Workload:
     start: datetime = datetime(2026, 6, 1, tzinfo=UTC)
     bad_input_rate: float = 0.003
     duplicate_rate: float = 0.01
+    customer_prefix: str = "cust"
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class Simulator:
                 joined = w.start + timedelta(days=rng.uniform(0, w.days * 0.3))
             quiet_from = joined + timedelta(days=rng.uniform(10, 30)) if persona.goes_quiet else None
             customers.append(Customer(
-                customer_id=f"cust-{n:06d}", persona=persona, home_store=store, timezone=tz,
+                customer_id=f"{w.customer_prefix}-{n:06d}", persona=persona, home_store=store, timezone=tz,
                 loyalty_card=f"LC{1000000 + n}",
                 app_user_id=f"app-{n:06d}" if persona.app_sessions_per_month >= 1 else None,
                 joined=joined, quiet_from=quiet_from,
@@ -210,8 +211,13 @@ class Simulator:
             yield self._envelope(c, "complaint_filed", at, "service",
                                  {"complaint_id": complaint, "category": rng.choice(("delivery", "quality", "staff"))})
             if rng.random() < 0.6:
-                yield self._envelope(c, "complaint_resolved", at + timedelta(hours=rng.uniform(4, 120)), "service",
-                                     {"complaint_id": complaint, "customer_satisfied": rng.random() < 0.6})
+                resolved = at + timedelta(hours=rng.uniform(4, 120))
+                satisfied = rng.random() < 0.6
+                yield self._envelope(c, "complaint_resolved", resolved, "service",
+                                     {"complaint_id": complaint, "customer_satisfied": satisfied})
+                yield self._envelope(c, "survey_answered", resolved + timedelta(hours=1), "service",
+                                     {"survey_id": "after-complaint", "kind": "csat",
+                                      "score": rng.randint(3, 5) if satisfied else rng.randint(1, 3)})
 
     def _moments(self, start: datetime, days: float, per_day: float) -> Iterator[datetime]:
         if per_day <= 0:

@@ -1,11 +1,11 @@
 """Everything the worker keeps per customer, in one value so that one state write is atomic:
 the profile, the loyalty account, the redelivery guard, and the outbox.
 
-The outbox holds the loyalty outputs (ledger movements, tier changes) of records at or after the
-source partition's committed offset. Faust flushes every output before it commits an offset, so
-anything older was delivered; anything newer may have been lost in a crash, and is re-sent when its
-record is redelivered. Profiles and balances need no outbox: their latest snapshot supersedes all
-earlier ones."""
+The outbox holds, per record at or after the source partition's committed offset that changed the
+customer, the outputs that are not snapshots (ledger movements, tier and segment changes). Faust
+flushes every output before it commits an offset, so anything older was delivered; anything newer
+may have been lost in a crash, and is re-sent when its record is redelivered, with the current
+profile and balance: their latest snapshot supersedes all earlier ones."""
 
 from __future__ import annotations
 
@@ -41,9 +41,13 @@ class CustomerState:
                    data["last_offset"], data["due_ms"], data["outbox"])
 
     def keep_outputs(self, offset: int, outputs: list[dict[str, Any]], committed_offset: int) -> None:
+        # Kept even when empty: it marks the record as applied to this customer (see `touched_at`).
         self.outbox = [entry for entry in self.outbox if entry[0] >= committed_offset and entry[0] != offset]
-        if outputs:
-            self.outbox.append([offset, outputs])
+        self.outbox.append([offset, outputs])
+
+    def touched_at(self, offset: int) -> bool:
+        """Whether the record at `offset` changed this customer (and was not yet committed)."""
+        return any(entry_offset == offset for entry_offset, _ in self.outbox)
 
     def outputs_at(self, offset: int) -> list[dict[str, Any]]:
         return next((outputs for entry_offset, outputs in self.outbox if entry_offset == offset), [])

@@ -19,7 +19,7 @@ than the partition's clock was applied before, and only re-sends what it changed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, MutableMapping, Union
 
@@ -29,7 +29,8 @@ from schemas.envelope import Envelope
 from streams.customer import CustomerState
 from streams.loyalty import ledger
 from streams.loyalty.calendar import to_ms
-from streams.profile import CustomerProfile, fold_profile
+from streams import profile as profiles
+from streams.profile import CustomerProfile
 from streams.rulebooks import Rulebooks
 from streams.segments import membership
 from streams.timers import PartitionTimers
@@ -166,14 +167,11 @@ def process(
         return [Accepted(event, record), *_resend(state, record.offset)]  # type: ignore[arg-type]
 
     state = state or CustomerState.new(key)
-    occurred = to_ms(event.occurred_at)
-    # Time first (what the gap before this event did to the segments), then the event itself.
-    profile, passed = membership.advance(state.profile, occurred, rules.segments)
-    profile = fold_profile(profile, event, record.offset)
-    state.profile, entered = membership.settle(profile, occurred, rules.segments, event_id)
+    profile, changes = profile_after_event(state.profile, event, record.offset, rules)
     state.account, loyalty = ledger.apply(state.account, event, rules.loyalty)
+    state.profile = _with_loyalty(profile, state.account)
     state.last_offset = record.offset
-    outputs = [*_segment_outputs(key, passed + entered), *_loyalty_outputs(key, loyalty)]
+    outputs = [*_segment_outputs(key, changes), *_loyalty_outputs(key, loyalty)]
     _save(store, state, record, outputs, rules, committed_offset)
     seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
     return [Accepted(event, record), ProfileChanged(state.profile), *outputs]
@@ -203,20 +201,23 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
         if state is None:
             continue
         account, loyalty = ledger.advance(state.account, now, rules.loyalty)
-        profile, passed = membership.advance(state.profile, now, rules.segments)
-        if not (loyalty or passed):
+        profile, passed = profile_until(state.profile, now, rules)
+        profile = _with_loyalty(profile, account)
+        news = profile.figures() != state.profile.figures()
+        if not (loyalty or news):
             # Nothing due after all (a stale listing), or applied before a crash lost the rest of
             # this tick's writes: then its outputs are in the outbox, to be sent again.
-            if state.outputs_at(record.offset):
+            if state.touched_at(record.offset):
                 changed.append(customer_key)
                 outputs.extend(_resend(state, record.offset))
             continue
         state.account, state.profile = account, profile
         changed.append(customer_key)
         customer_outputs: list[Output] = _segment_outputs(customer_key, passed) + _loyalty_outputs(customer_key, loyalty)
-        if passed:
-            # Only a segment change makes the profile news (a new version); its clock alone is not.
-            customer_outputs.insert(0, ProfileChanged(profile))
+        if news:
+            # A new version only when a figure changed, not for the clock alone.
+            state.profile = replace(profile, version=profile.version + 1)
+            customer_outputs.insert(0, ProfileChanged(state.profile))
         _save(store, state, record, customer_outputs, rules, committed_offset, timers)
         outputs.extend(customer_outputs)
     timers.clock_ms = now
@@ -225,13 +226,34 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
     return outputs
 
 
+def profile_after_event(profile: CustomerProfile, event: Envelope, offset: int,
+                        rules: Rulebooks) -> tuple[CustomerProfile, list[membership.SegmentChange]]:
+    """Time first (what the gap before this event did to the segments), then the event itself."""
+    profile, passed = profile_until(profile, to_ms(event.occurred_at), rules)
+    profile = profiles.fold_profile(profile, event, offset)
+    profile, entered = membership.settle(profile, rules.segments, str(event.event_id))
+    return profile, passed + entered
+
+
+def profile_until(profile: CustomerProfile, until_ms: int,
+                  rules: Rulebooks) -> tuple[CustomerProfile, list[membership.SegmentChange]]:
+    """Time passes with no event from the customer, up to `until_ms`."""
+    profile, passed = membership.advance(profile, until_ms, rules.segments)
+    return profiles.elapse(profile, until_ms), passed
+
+
+def _with_loyalty(profile: CustomerProfile, account: ledger.Account) -> CustomerProfile:
+    return profiles.with_loyalty(profile, account.available, account.pending, account.tier)
+
+
 def _save(store: MutableMapping[str, Any], state: CustomerState, record: SourceRecord,
           outputs: list[Output], rules: Rulebooks, committed_offset: int,
           timers: PartitionTimers | None = None) -> None:
     """Write the customer's state, listing its next deadline in the timers first: if a crash loses
     the tail of the changelog, it loses the state write (and the record is applied again) rather
     than leaving a state whose deadline nobody will wake."""
-    deadlines = [ledger.next_due_ms(state.account, rules.loyalty), membership.next_due_ms(state.profile, rules.segments)]
+    deadlines = [ledger.next_due_ms(state.account, rules.loyalty), membership.next_due_ms(state.profile, rules.segments),
+                 profiles.next_due_ms(state.profile)]
     due = min((d for d in deadlines if d is not None), default=None)
     if due is not None and due != state.due_ms:
         (timers or PartitionTimers(store, record.partition)).add(state.account.customer_key, due)

@@ -1,15 +1,31 @@
 """The customer profile: a pure fold over one customer's accepted events.
 
-Every figure is order-insensitive where it can be (first/last seen are min/max of event time) so
-that a late event lands where it belongs, and the fold never reads a clock: time is the events'."""
+Figures are order-insensitive where they can be (first/last seen are min/max of event time, the
+latest survey answer is the latest by event time) so that a late event lands where it belongs, and
+the fold never reads a clock: time is the events'. Trailing figures (spend over 30/90/365 days,
+sessions and sign-ins over 30 days) are as of the profile's clock, the latest event time it has
+seen, events and clock ticks alike; `elapse` says when time alone changed one of them.
+
+`CustomerProfile` is the worker's state (`to_dict`/`from_dict`); `to_record` is what the profiles
+topic and table get: the same facts plus the figures derived from them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from schemas.envelope import Envelope
-from schemas.events import PurchaseCompleted, PurchaseRefunded
+from schemas.events import (
+    AppSessionStarted, ComplaintFiled, ComplaintResolved, ConsentChanged, CustomerRegistered, DailySignIn,
+    IdentityLinked, ProfileUpdated, PurchaseCompleted, PurchaseRefunded, SurveyAnswered,
+)
+from streams import trailing
+
+FAVOURITE_CATEGORIES = 3
+CONTACT_FIELDS = ("email", "phone", "address", "birthday")
+# Fields of a record that say which snapshot it is rather than what it says about the customer.
+SNAPSHOT_FIELDS = frozenset({"version", "last_offset", "as_of_ms"})
 
 
 def to_millis(moment: Any) -> int:
@@ -20,19 +36,45 @@ def to_millis(moment: Any) -> int:
 class CustomerProfile:
     customer_key: str
     customer_id: str | None = None
-    # Changes folded into this profile (events, and segment changes that time caused): the row version.
+    # Changes folded into this profile (events, and what time changed): the row version.
     version: int = 0
-    # Offset (in the customer's events partition) of the last event applied: redelivery guard.
+    # Offset (in the customer's events partition) of the last event applied.
     last_offset: int = -1
     first_seen_ms: int | None = None
     last_seen_ms: int | None = None
+    # Identity and contact: aliases as "type:value"; which contact fields the customer has given
+    # (never the values: personal data stays in the events); consent per "purpose:channel" as
+    # [event time, offset, granted], the latest by event time winning.
+    aliases: tuple[str, ...] = ()
+    contact: tuple[str, ...] = ()
+    consent: dict[str, list[Any]] = field(default_factory=dict)
+    # Purchases. Money in minor units per currency so sums stay exact; spend is net of refunds.
     purchase_count: int = 0
+    purchases_by_currency: dict[str, int] = field(default_factory=dict)
     refund_count: int = 0
-    # Net spend (purchases minus refunds) per currency, in minor units so sums stay exact.
     spend_minor: dict[str, int] = field(default_factory=dict)
+    refunded_minor: dict[str, int] = field(default_factory=dict)
     last_purchase_ms: int | None = None
+    category_units: dict[str, int] = field(default_factory=dict)
+    store_purchases: dict[str, int] = field(default_factory=dict)
+    # Where and how the customer shows up.
     channels: tuple[str, ...] = ()
     stores: tuple[str, ...] = ()
+    channel_events: dict[str, int] = field(default_factory=dict)
+    session_count: int = 0
+    sign_in_count: int = 0
+    # What the trailing figures are summed from (streams/trailing.py).
+    recent: tuple[tuple[int, str, str, int], ...] = ()
+    # Satisfaction: the two latest answers per survey kind as [event time, offset, score], oldest first;
+    # complaints filed, those still open (id -> filed at), and resolutions that came before their filing.
+    surveys: dict[str, list[list[int]]] = field(default_factory=dict)
+    complaint_count: int = 0
+    open_complaints: dict[str, int] = field(default_factory=dict)
+    resolved_unfiled: tuple[str, ...] = ()
+    # Loyalty, copied from the customer's points account (streams/loyalty) after each change.
+    points_available: int = 0
+    points_pending: int = 0
+    tier: str = ""
     # Segments (streams/segments): the event time the customer has been brought up to, the current
     # lifecycle stage and since when, and how many segment changes there have been.
     clock_ms: int = 0
@@ -45,12 +87,62 @@ class CustomerProfile:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CustomerProfile:
-        return cls(**{**data, "channels": tuple(data["channels"]), "stores": tuple(data["stores"])})
+        return cls(**{
+            **data,
+            **{name: tuple(data[name]) for name in ("aliases", "contact", "channels", "stores", "resolved_unfiled")},
+            "recent": tuple(tuple(entry) for entry in data["recent"]),
+        })
+
+    def to_record(self) -> dict[str, Any]:
+        """The profile as the profiles topic carries it: facts and derived figures, money in minor units."""
+        windows = trailing.figures(self.recent, self.clock_ms)
+        nps, csat = (self.surveys.get(kind, []) for kind in ("nps", "csat"))
+        return {
+            "customer_key": self.customer_key, "customer_id": self.customer_id, "version": self.version,
+            "last_offset": self.last_offset, "as_of_ms": self.clock_ms,
+            "first_seen_ms": self.first_seen_ms, "last_seen_ms": self.last_seen_ms,
+            "aliases": list(self.aliases), "contact": list(self.contact),
+            "marketing_consent": sorted(key.split(":", 1)[1] for key, (_, _, granted) in self.consent.items()
+                                        if granted and key.startswith("marketing:")),
+            "purchase_count": self.purchase_count, "refund_count": self.refund_count,
+            "spend_minor": self.spend_minor, "refunded_minor": self.refunded_minor,
+            "average_order_minor": {
+                currency: _divide(self.spend_minor.get(currency, 0) + self.refunded_minor.get(currency, 0), count)
+                for currency, count in self.purchases_by_currency.items()
+            },
+            **windows,
+            "last_purchase_ms": self.last_purchase_ms,
+            "favourite_categories": _top(self.category_units, FAVOURITE_CATEGORIES),
+            "favourite_store": next(iter(_top(self.store_purchases, 1)), ""),
+            "favourite_channel": next(iter(_top(self.channel_events, 1)), ""),
+            "channels": list(self.channels), "stores": list(self.stores),
+            "session_count": self.session_count, "sign_in_count": self.sign_in_count,
+            "nps_latest": nps[-1][2] if nps else None,
+            "nps_trend": nps[-1][2] - nps[-2][2] if len(nps) > 1 else None,
+            "csat_latest": csat[-1][2] if csat else None,
+            "csat_trend": csat[-1][2] - csat[-2][2] if len(csat) > 1 else None,
+            "complaint_count": self.complaint_count, "open_complaints": len(self.open_complaints),
+            "points_available": self.points_available, "points_pending": self.points_pending, "tier": self.tier,
+            "lifecycle_stage": self.lifecycle_stage, "lifecycle_since_ms": self.lifecycle_since_ms,
+        }
+
+    def figures(self) -> dict[str, Any]:
+        """What the profile says about the customer, without which snapshot it is: equal figures, no news."""
+        return {name: value for name, value in self.to_record().items() if name not in SNAPSHOT_FIELDS}
 
 
 def to_minor(amount: Any) -> int:
     # Catalog money has at most two decimals, so this is exact.
     return int(amount * 100)
+
+
+def _divide(minor: int, count: int) -> int:
+    return int((Decimal(minor) / count).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def _top(counts: dict[str, int], n: int) -> list[str]:
+    """The `n` largest, ties broken by name so that every replay names the same favourites."""
+    return [name for name, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]]
 
 
 def _with(values: tuple[str, ...], value: str | None) -> tuple[str, ...]:
@@ -59,31 +151,104 @@ def _with(values: tuple[str, ...], value: str | None) -> tuple[str, ...]:
     return tuple(sorted((*values, value)))
 
 
+def _add(totals: dict[str, int], key: str, amount: int) -> dict[str, int]:
+    return {**totals, key: totals.get(key, 0) + amount}
+
+
 def fold_profile(profile: CustomerProfile | None, event: Envelope, offset: int) -> CustomerProfile:
     """The profile after `event`, read from position `offset` of its partition."""
     if profile is None:
         profile = CustomerProfile(customer_key=event.customer_key)
     occurred = to_millis(event.occurred_at)
     payload = getattr(event, "payload", None)
+    channel = event.source.channel.value
+    aliases = profile.aliases
+    for alias_type, value in event.identifiers.model_dump(exclude_none=True).items():
+        aliases = _with(aliases, f"{alias_type}:{value}")
     changes: dict[str, Any] = {
         "version": profile.version + 1,
         "last_offset": offset,
         "customer_id": profile.customer_id or event.customer_id,
         "first_seen_ms": occurred if profile.first_seen_ms is None else min(profile.first_seen_ms, occurred),
         "last_seen_ms": occurred if profile.last_seen_ms is None else max(profile.last_seen_ms, occurred),
-        "channels": _with(profile.channels, event.source.channel.value),
+        "aliases": aliases,
+        "channels": _with(profile.channels, channel),
         "stores": _with(profile.stores, event.source.store_id),
+        "channel_events": _add(profile.channel_events, channel, 1),
     }
+    clock = max(profile.clock_ms, occurred)
     if isinstance(payload, PurchaseCompleted):
+        total = to_minor(payload.total)
+        store = payload.store_id or event.source.store_id
         changes["purchase_count"] = profile.purchase_count + 1
-        changes["spend_minor"] = _add(profile.spend_minor, payload.currency, to_minor(payload.total))
+        changes["purchases_by_currency"] = _add(profile.purchases_by_currency, payload.currency, 1)
+        changes["spend_minor"] = _add(profile.spend_minor, payload.currency, total)
         changes["last_purchase_ms"] = max(profile.last_purchase_ms or occurred, occurred)
         changes["stores"] = _with(changes["stores"], payload.store_id)
+        category_units = profile.category_units
+        for line in payload.lines:
+            category_units = _add(category_units, line.category, line.quantity)
+        changes["category_units"] = category_units
+        if store is not None:
+            changes["store_purchases"] = _add(profile.store_purchases, store, 1)
+        changes["recent"] = trailing.add(profile.recent, (occurred, trailing.PURCHASE, payload.currency, total))
     elif isinstance(payload, PurchaseRefunded):
+        amount = to_minor(payload.amount)
         changes["refund_count"] = profile.refund_count + 1
-        changes["spend_minor"] = _add(profile.spend_minor, payload.currency, -to_minor(payload.amount))
+        changes["spend_minor"] = _add(profile.spend_minor, payload.currency, -amount)
+        changes["refunded_minor"] = _add(profile.refunded_minor, payload.currency, amount)
+        changes["recent"] = trailing.add(profile.recent, (occurred, trailing.REFUND, payload.currency, amount))
+    elif isinstance(payload, AppSessionStarted):
+        changes["session_count"] = profile.session_count + 1
+        changes["recent"] = trailing.add(profile.recent, (occurred, trailing.SESSION, "", 1))
+    elif isinstance(payload, DailySignIn):
+        changes["sign_in_count"] = profile.sign_in_count + 1
+        changes["recent"] = trailing.add(profile.recent, (occurred, trailing.SIGN_IN, "", 1))
+    elif isinstance(payload, (CustomerRegistered, ProfileUpdated)):
+        contact = profile.contact
+        for name in CONTACT_FIELDS:
+            if getattr(payload, name) is not None:
+                contact = _with(contact, name)
+        changes["contact"] = contact
+    elif isinstance(payload, IdentityLinked):
+        changes["aliases"] = _with(aliases, f"{payload.alias_type.value}:{payload.alias_value}")
+    elif isinstance(payload, ConsentChanged):
+        key = f"{payload.purpose}:{payload.channel.value}"
+        current = profile.consent.get(key)
+        if current is None or (occurred, offset) >= (current[0], current[1]):
+            changes["consent"] = {**profile.consent, key: [occurred, offset, payload.granted]}
+    elif isinstance(payload, SurveyAnswered):
+        answers = sorted([*profile.surveys.get(payload.kind, []), [occurred, offset, payload.score]])
+        changes["surveys"] = {**profile.surveys, payload.kind: answers[-2:]}
+    elif isinstance(payload, ComplaintFiled):
+        changes["complaint_count"] = profile.complaint_count + 1
+        if payload.complaint_id in profile.resolved_unfiled:
+            changes["resolved_unfiled"] = tuple(c for c in profile.resolved_unfiled if c != payload.complaint_id)
+        else:
+            changes["open_complaints"] = {**profile.open_complaints, payload.complaint_id: occurred}
+    elif isinstance(payload, ComplaintResolved):
+        if payload.complaint_id in profile.open_complaints:
+            changes["open_complaints"] = {c: at for c, at in profile.open_complaints.items() if c != payload.complaint_id}
+        else:
+            changes["resolved_unfiled"] = _with(profile.resolved_unfiled, payload.complaint_id)
+    changes["clock_ms"] = clock
+    changes["recent"] = trailing.prune(changes.get("recent", profile.recent), clock)
     return replace(profile, **changes)
 
 
-def _add(totals: dict[str, int], currency: str, amount: int) -> dict[str, int]:
-    return {**totals, currency: totals.get(currency, 0) + amount}
+def elapse(profile: CustomerProfile, until_ms: int) -> CustomerProfile:
+    """The profile with its clock moved on to `until_ms` (never back): trailing windows slide."""
+    if until_ms <= profile.clock_ms:
+        return profile
+    return replace(profile, clock_ms=until_ms, recent=trailing.prune(profile.recent, until_ms))
+
+
+def with_loyalty(profile: CustomerProfile, available: int, pending: int, tier: str) -> CustomerProfile:
+    if (profile.points_available, profile.points_pending, profile.tier) == (available, pending, tier):
+        return profile
+    return replace(profile, points_available=available, points_pending=pending, tier=tier)
+
+
+def next_due_ms(profile: CustomerProfile) -> int | None:
+    """When time alone next changes a trailing figure."""
+    return trailing.next_change_ms(profile.recent, profile.clock_ms)

@@ -5,7 +5,7 @@ per customer (`seq` from 0, no gaps) so that its projection row has a determinis
 Two entry points, both pure:
 - `advance(profile, until_ms, rules)`: time passes with no event from the customer (a clock tick, or
   the gap before the customer's next event). Each change is dated at the exact boundary it crossed.
-- `settle(profile, at_ms, rules, cause_event_id)`: after an event was folded into the profile."""
+- `settle(profile, rules, cause_event_id)`: after an event was folded into the profile."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ class SegmentChange:
 
 
 def advance(profile: CustomerProfile, until_ms: int, rules: SegmentRules) -> tuple[CustomerProfile, list[SegmentChange]]:
+    """The changes that time alone makes between the profile's clock and `until_ms`; moving the clock
+    itself is the profile's business (`streams.profile.elapse`)."""
     if profile.first_seen_ms is None or until_ms <= profile.clock_ms:
         return profile, []
     changes: list[SegmentChange] = []
@@ -45,17 +47,12 @@ def advance(profile: CustomerProfile, until_ms: int, rules: SegmentRules) -> tup
         profile, change = _restage(profile, boundary, rules, "", "time")
         changes.extend(change)
         moment = boundary
-    profile = replace(profile, clock_ms=until_ms)
-    if changes:
-        profile = replace(profile, version=profile.version + 1)
     return profile, changes
 
 
-def settle(profile: CustomerProfile, at_ms: int, rules: SegmentRules,
-           cause_event_id: str) -> tuple[CustomerProfile, list[SegmentChange]]:
-    at = max(at_ms, profile.clock_ms)
-    profile, changes = _restage(profile, at, rules, cause_event_id, "event")
-    return replace(profile, clock_ms=at), changes
+def settle(profile: CustomerProfile, rules: SegmentRules, cause_event_id: str) -> tuple[CustomerProfile, list[SegmentChange]]:
+    """The change (if any) that an event just folded into the profile makes, as of the profile's clock."""
+    return _restage(profile, profile.clock_ms, rules, cause_event_id, "event")
 
 
 def next_due_ms(profile: CustomerProfile, rules: SegmentRules, after_ms: int | None = None) -> int | None:

@@ -39,7 +39,7 @@ class Worker:
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--loglevel", "warn"],
+        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--loglevel", os.environ.get("CRM_TEST_WORKER_LOGLEVEL", "warn")],
                                         env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
                                         start_new_session=True)
 

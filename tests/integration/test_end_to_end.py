@@ -130,7 +130,9 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
     expire, and move quiet customers from stage to stage."""
     from streams.config import settings as crm_settings
     from streams.rulebooks import load_rulebooks
-    from streams.pipeline import BalanceChanged, LedgerEntry, SegmentChanged, SourceRecord, load_customer, process
+    from streams.pipeline import (
+        BalanceChanged, LedgerEntry, ProfileChanged, SegmentChanged, SourceRecord, load_customer, process,
+    )
 
     prefix = f"crash-{uuid.uuid4().hex[:6]}"
     customers = [f"{prefix}-{n:03d}" for n in range(120)]
@@ -178,13 +180,15 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
     store, seen = {}, {}
-    movements, balances, segment_changes = {}, {}, {}
+    movements, balances, segment_changes, profiles = {}, {}, {}, {}
     for message in consumer:
         if message.key and (message.key.startswith(prefix.encode()) or message.key == b"clock"):
             record = SourceRecord(message.key, message.value, message.partition, message.offset,
                                   message.timestamp, message.topic)
             for output in process(record, store, seen, rules):
-                if isinstance(output, LedgerEntry) and output.data["entry"] == "movement":
+                if isinstance(output, ProfileChanged):
+                    profiles[output.profile.customer_key] = output.profile.to_record()
+                elif isinstance(output, LedgerEntry) and output.data["entry"] == "movement":
                     movements[(output.customer_key, output.data["seq"])] = (
                         output.data["kind"], output.data["available_delta"], output.data["pending_delta"],
                         output.data["debt_delta"], output.data["occurred_ms"])
@@ -203,15 +207,17 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
     assert {kind for kind, *_ in movements.values()} >= {"earned_pending", "made_available", "redeemed", "expired"}
 
     assert {to for _, to, _, _ in segment_changes.values()} >= {"new", "active", "dormant", "lost"}
-    want_profiles = {key: (s.profile.version, s.profile.purchase_count, s.profile.refund_count,
-                           s.profile.spend_minor.get("EUR", 0), s.profile.last_offset, s.profile.lifecycle_stage)
-                     for key, s in states.items()}
+    want_profiles = {key: (p["version"], p["as_of_ms"], p["purchase_count"], p["refund_count"],
+                           p["spend_minor"].get("EUR", 0), p["spend_30d_minor"].get("EUR", 0),
+                           p["last_offset"], p["lifecycle_stage"], p["points_available"], p["tier"])
+                     for key, p in profiles.items()}
 
     def projected_profiles():
         rows = stack.query(
-            "SELECT customer_key, version, purchase_count, refund_count, spend['EUR'], source_offset, lifecycle_stage "
+            "SELECT customer_key, version, toUnixTimestamp64Milli(as_of), purchase_count, refund_count, spend['EUR'], "
+            "spend_30d['EUR'], source_offset, lifecycle_stage, points_available, tier "
             "FROM customer_profiles FINAL WHERE startsWith(customer_key, {p:String})", {"p": prefix})
-        return {r[0]: (r[1], r[2], r[3], int(r[4] * 100), r[5], r[6]) for r in rows}
+        return {r[0]: (*r[1:5], int(r[5] * 100), int(r[6] * 100), *r[7:]) for r in rows}
 
     def projected_ledger():
         rows = stack.query(
@@ -226,7 +232,7 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
             "FROM points_balances FINAL WHERE startsWith(customer_key, {p:String})", {"p": prefix})
         return {r[0]: tuple(r[1:]) for r in rows}
 
-    stack.wait_for(lambda: projected_profiles() == want_profiles, timeout=120, what="profiles equal to the pure fold")
+    wait_until_equal(stack, projected_profiles, want_profiles, "profiles")
     ids = {r[0] for r in stack.query("SELECT toString(event_id) FROM events FINAL "
                                      "WHERE startsWith(customer_key, {p:String})", {"p": prefix})}
     assert ids == {b["event_id"] for b in sent}

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from schemas.codec import decode_event
 from streams.config import settings as crm_settings
 from streams.loyalty.calendar import to_ms
-from streams.pipeline import ProfileChanged, SegmentChanged, SourceRecord, load_customer, process
-from streams.profile import fold_profile
+from streams.pipeline import (
+    ProfileChanged, SegmentChanged, SourceRecord, load_customer, process, profile_after_event, profile_until,
+)
+from streams.profile import CustomerProfile
 from streams.rulebooks import load_rulebooks
-from streams.segments import membership
 from streams.segments.rules import SegmentRules
 from tests.factories import encoded, event
 
@@ -31,19 +32,13 @@ def ev(type_, at, **fields):
 
 def live(items):
     """Fold events and `("advance", datetime)` steps as the worker does; return profile and changes."""
-    profile, changes = None, []
+    profile, changes = CustomerProfile("c-1"), []
     for offset, item in enumerate(items):
         if isinstance(item, tuple):
-            profile, passed = membership.advance(profile, to_ms(item[1]), SEGMENTS)
-            changes += passed
-            continue
-        at = to_ms(item.occurred_at)
-        if profile is not None:
-            profile, passed = membership.advance(profile, at, SEGMENTS)
-            changes += passed
-        profile = fold_profile(profile, item, offset)
-        profile, entered = membership.settle(profile, at, SEGMENTS, str(item.event_id))
-        changes += entered
+            profile, passed = profile_until(profile, to_ms(item[1]), RULES)
+        else:
+            profile, passed = profile_after_event(profile, item, offset, RULES)
+        changes += passed
     return profile, changes
 
 

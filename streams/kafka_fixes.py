@@ -1,0 +1,158 @@
+"""Fixes to the Kafka clients under faust-streaming, applied when the worker's app is created.
+
+All close one hole: records skipped for good after a worker restart. At a rebalance Faust throws
+away the records it fetched for the streams while the flow was suspended (restoring tables), then
+seeks every partition back to its committed offset to read them again. Two things defeated the
+second read, and the crash test (SIGKILL mid-stream, restart, compare) showed the skipped records:
+
+- Faust's fetch loop (`Consumer._drain_messages`) recorded each thrown-away record's offset as read,
+  so after the seek the same records counted as already read and were dropped once more: never
+  processed and never acknowledged, so the committed offset also stopped moving.
+- aiokafka's `seek_to_committed` moves a partition only when its committed offset is above 0, so a
+  partition whose committed offset is 0 kept its fetch position past the thrown-away records.
+
+What still slips through is caught by the worker (streams/app.py, `Continuity`): it notices a gap,
+records in `Consumer._sought` the offset it seeks back to, and the fetch loop below then drops the
+stale records fetched before that seek instead of letting them move the read offset ahead again.
+
+Each function below is the library's own, with the one change marked. Version-pinned: `apply`
+refuses other versions, so an upgrade makes someone check whether the fix is still needed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator, cast
+
+import aiokafka
+import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError
+from faust.transport import consumer as faust_consumer
+from faust.transport.consumer import CONSUMER_FETCHING
+from mode import Service, ServiceT
+
+PATCHED_FOR = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
+aiokafka_log = logging.getLogger("aiokafka.consumer.consumer")
+
+
+async def _drain_messages(self: Any, fetcher: ServiceT) -> None:
+    # This is the background thread started by Fetcher, used to
+    # constantly read messages using Consumer.getmany.
+    # It takes Fetcher as argument, because we must be able to
+    # stop it using `await Fetcher.stop()`.
+    callback = self.callback
+    getmany = self.getmany
+    consumer_should_stop = cast(Service, self)._stopped.is_set
+    fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
+
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    flag_consumer_fetching = CONSUMER_FETCHING
+    set_flag = self.diag.set_flag
+    unset_flag = self.diag.unset_flag
+    commit_every = self._commit_every
+    acks_enabled_for = self.app.topics.acks_enabled_for
+
+    yield_every = 100
+    num_since_yield = 0
+    sleep = asyncio.sleep
+
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            set_flag(flag_consumer_fetching)
+            ait = cast(AsyncIterator, getmany(timeout=1.0))
+
+            # Sleeping because sometimes getmany is called in a loop
+            # never releasing to the event loop
+            await self.sleep(0)
+            if not self.should_stop:
+                async for tp, message in ait:
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await sleep(0)
+                        num_since_yield = 0
+
+                    offset = message.offset
+                    # The fix, second part: after a seek, records fetched before it are stale;
+                    # only the record at the sought offset resumes the partition.
+                    sought = self._sought.get(tp)
+                    if sought is not None:
+                        if offset != sought:
+                            continue
+                        del self._sought[tp]
+                    r_offset = get_read_offset(tp)
+                    if r_offset is None or offset >= r_offset:
+                        gap = offset - (r_offset or 0)
+                        # We have a gap in income messages
+                        if gap > 1 and r_offset:
+                            acks_enabled = acks_enabled_for(message.topic)
+                            if acks_enabled:
+                                await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None:
+                            if self._n_acked >= commit_every:
+                                self._n_acked = 0
+                                await self.commit()
+                        await self.wait_first(
+                            callback(message), self.suspend_flow.wait()
+                        )
+                        # The fix: a record the suspended flow kept from the streams is not read.
+                        if not self.suspend_flow.is_set():
+                            set_read_offset(tp, offset)
+                    else:
+                        self.log.dev(
+                            "DROPPED MESSAGE ROFF %r: k=%r v=%r",
+                            offset,
+                            message.key,
+                            message.value,
+                        )
+                unset_flag(flag_consumer_fetching)
+
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            # we're already stopping so ignore
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            # we're already stopping so ignore
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        unset_flag(flag_consumer_fetching)
+
+
+async def seek_to_committed(self: Any, *partitions: TopicPartition) -> dict[TopicPartition, int | None]:
+    """aiokafka's own, with `offset is not None and offset >= 0` where it had `offset and offset > 0`."""
+    if not all(isinstance(p, TopicPartition) for p in partitions):
+        raise TypeError("partitions must be TopicPartition instances")
+    if not partitions:
+        partitions = self._subscription.assigned_partitions()
+        assert partitions, "No partitions are currently assigned"
+    else:
+        not_assigned = set(partitions) - self._subscription.assigned_partitions()
+        if not_assigned:
+            raise IllegalStateError(f"Partitions {not_assigned} are not assigned")
+    committed_offsets = {}
+    for tp in partitions:
+        offset = await self.committed(tp)
+        committed_offsets[tp] = offset
+        aiokafka_log.debug("Seeking to committed of partition %s %s", tp, offset)
+        if offset is not None and offset >= 0:
+            self._fetcher.seek_to(tp, offset)
+    return committed_offsets
+
+
+def apply() -> None:
+    found = {"faust-streaming": faust.__version__, "aiokafka": aiokafka.__version__}
+    if found != PATCHED_FOR:
+        raise RuntimeError(f"streams/kafka_fixes.py patches {PATCHED_FOR}, found {found}: check whether the "
+                           "fixes are still needed, then update or remove them")
+    faust_consumer.Consumer._drain_messages = _drain_messages  # type: ignore[method-assign]
+    faust_consumer.Consumer._sought = {}  # tp -> offset a seek went back to; see _drain_messages
+    AIOKafkaConsumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign]

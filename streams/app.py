@@ -119,8 +119,8 @@ class Continuity:
         tp = message.tp
         expected = self.expected.get(tp)
         if expected is None:
-            committed = getattr(self.app.consumer, "_committed_offset", {}).get(tp)
-            expected = committed if committed is not None and committed >= 0 else message.offset
+            committed = committed_offset(self.app, tp.topic, tp.partition)
+            expected = committed if committed >= 0 else message.offset
         if message.offset > expected:
             if self.expected.get(tp) != expected:
                 log.warning("records from %d of %s[%d] were skipped by the consumer; reading them again",

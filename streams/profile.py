@@ -21,15 +21,12 @@ from schemas.events import (
     IdentityLinked, ProfileUpdated, PurchaseCompleted, PurchaseRefunded, SurveyAnswered,
 )
 from streams import trailing
+from streams.loyalty.calendar import to_ms
 
 FAVOURITE_CATEGORIES = 3
 CONTACT_FIELDS = ("email", "phone", "address", "birthday")
 # Fields of a record that say which snapshot it is rather than what it says about the customer.
 SNAPSHOT_FIELDS = frozenset({"version", "last_offset", "as_of_ms"})
-
-
-def to_millis(moment: Any) -> int:
-    return int(moment.timestamp() * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +156,7 @@ def fold_profile(profile: CustomerProfile | None, event: Envelope, offset: int) 
     """The profile after `event`, read from position `offset` of its partition."""
     if profile is None:
         profile = CustomerProfile(customer_key=event.customer_key)
-    occurred = to_millis(event.occurred_at)
+    occurred = to_ms(event.occurred_at)
     payload = getattr(event, "payload", None)
     channel = event.source.channel.value
     aliases = profile.aliases

@@ -14,9 +14,6 @@ from __future__ import annotations
 from streams.loyalty.calendar import DAY_MS
 from streams.segments.rules import Lifecycle
 
-STAGES = ("new", "active", "dormant", "lost")
-
-
 def stage_at(first_seen_ms: int, last_seen_ms: int, last_purchase_ms: int | None, at_ms: int,
              rules: Lifecycle) -> str:
     if at_ms - first_seen_ms < rules.new_days * DAY_MS:

@@ -66,6 +66,18 @@ ALTER TABLE {db}.customer_profiles
     ADD COLUMN IF NOT EXISTS points_pending Int64,
     ADD COLUMN IF NOT EXISTS tier LowCardinality(String)
 """),
+    (10, """
+ALTER TABLE {db}.customer_profiles
+    ADD COLUMN IF NOT EXISTS weekend_purchases UInt32 COMMENT 'purchases on a Saturday or Sunday in the segment rules timezone',
+    ADD COLUMN IF NOT EXISTS complaints_30d UInt32,
+    ADD COLUMN IF NOT EXISTS value_tier LowCardinality(String) COMMENT 'high, mid or low; empty until boundaries are published',
+    ADD COLUMN IF NOT EXISTS rfm_recency UInt8 COMMENT '1-5; 0 until scored (no purchase, or no boundaries yet)',
+    ADD COLUMN IF NOT EXISTS rfm_frequency UInt8,
+    ADD COLUMN IF NOT EXISTS rfm_monetary UInt8,
+    ADD COLUMN IF NOT EXISTS rfm_segment LowCardinality(String),
+    ADD COLUMN IF NOT EXISTS tags Array(LowCardinality(String)),
+    ADD COLUMN IF NOT EXISTS boundaries_id String COMMENT 'the segment_boundaries row value tier and RFM were scored with'
+"""),
 ]
 
 
@@ -98,7 +110,9 @@ _READERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     **{name: _same(name) for name in (
         "favourite_categories", "favourite_store", "favourite_channel", "channels", "stores", "session_count",
         "sign_in_count", "sessions_30d", "sign_ins_30d", "nps_latest", "nps_trend", "csat_latest", "csat_trend",
-        "complaint_count", "open_complaints", "points_available", "points_pending", "tier", "lifecycle_stage")},
+        "complaint_count", "open_complaints", "points_available", "points_pending", "tier", "lifecycle_stage",
+        "weekend_purchases", "complaints_30d", "value_tier", "rfm_recency", "rfm_frequency", "rfm_monetary",
+        "rfm_segment", "tags", "boundaries_id")},
     "lifecycle_since": lambda r: _time(r["lifecycle_since_ms"]),
     "source_offset": _same("last_offset"),
 }

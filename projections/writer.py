@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
 
-from projections import dead_letters_table, events_table, points_table, profiles_table, segments_table
+from projections import boundaries, dead_letters_table, events_table, points_table, profiles_table, segments_table
 from projections.clickhouse import connect
 from projections.migrations import migrate
 from streams import topics
 from streams.config import Settings
+from streams.segments.rules import load_segment_rules
 
 log = logging.getLogger("crm.writer")
 WRITER_GROUP = "crm-projections"
@@ -38,7 +40,7 @@ SINKS: dict[str, RowMaker] = {
     topics.DEAD_LETTERS.name: one_table("dead_letters", dead_letters_table.rows),
     topics.POINTS_LEDGER.name: points_table.ledger_rows,
     topics.POINTS_BALANCES.name: points_table.balance_rows,
-    topics.SEGMENT_CHANGES.name: one_table("segment_changes", segments_table.rows),
+    topics.SEGMENT_CHANGES.name: segments_table.rows,
 }
 COLUMNS: dict[str, list[str]] = {
     "events": events_table.COLUMNS,
@@ -48,6 +50,7 @@ COLUMNS: dict[str, list[str]] = {
     "tier_changes": points_table.TIER_COLUMNS,
     "points_balances": points_table.BALANCE_COLUMNS,
     "segment_changes": segments_table.COLUMNS,
+    "segment_boundaries": segments_table.BOUNDARIES_COLUMNS,
 }
 
 
@@ -62,6 +65,9 @@ class ProjectionWriter:
         self.rows_written: dict[str, int] = defaultdict(int)
         self._stop = threading.Event()
         migrate(self.client, self.database)
+        self.segment_rules = load_segment_rules(settings.segment_rules)
+        self.boundaries_id: str | None = None
+        self._boundaries_due = time.monotonic() + settings.boundaries_seconds
 
     def _consumer(self) -> KafkaConsumer:
         return KafkaConsumer(
@@ -89,14 +95,33 @@ class ProjectionWriter:
         (or until a megabyte is there), so that ClickHouse gets few large inserts while a row is
         still visible within about a second of the worker's output."""
         consumer = self._consumer()
+        producer: KafkaProducer | None = None
         try:
             while not self._stop.is_set():
                 batch = consumer.poll(timeout_ms=2 * self.max_wait_ms, max_records=self.max_batch)
                 if batch:
                     self.write(batch)
                     consumer.commit()
+                if self.settings.boundaries_seconds > 0 and time.monotonic() >= self._boundaries_due:
+                    producer = producer or KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
+                                                         enable_idempotence=True)
+                    self.publish_boundaries(producer)
         finally:
             consumer.close(autocommit=False)
+            if producer is not None:
+                producer.close()
+
+    def publish_boundaries(self, producer: KafkaProducer) -> None:
+        """Value tiers and RFM scores compare each customer with the population, which only this
+        process sees whole: recompute the boundaries and append them to the events log."""
+        self._boundaries_due = time.monotonic() + self.settings.boundaries_seconds
+        try:
+            published = boundaries.publish(self.client, self.database, self.segment_rules, producer, self.boundaries_id)
+        except Exception:
+            # The projections matter more than fresh boundaries: try again at the next interval.
+            log.exception("could not publish segment boundaries")
+            return
+        self.boundaries_id = published or self.boundaries_id
 
     def write(self, batch: dict[Any, list[Any]]) -> None:
         by_topic: dict[str, list[Any]] = defaultdict(list)

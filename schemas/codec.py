@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from schemas.boundaries import SEGMENT_BOUNDARIES_TYPE, SegmentBoundaries
 from schemas.clock import CLOCK_TICK_TYPE, ClockTick
 from schemas.envelope import Envelope
 from schemas.events import EVENT_TYPES, event_model
@@ -26,7 +27,13 @@ class DecodeError:
         return f"{self.reason}: {self.detail}"
 
 
-def decode_event(raw: bytes) -> Envelope | ClockTick | DecodeError:
+# Records that the platform itself appends to the events topic; they name no customer.
+SYSTEM_RECORDS: dict[str, type[ClockTick] | type[SegmentBoundaries]] = {
+    CLOCK_TICK_TYPE: ClockTick, SEGMENT_BOUNDARIES_TYPE: SegmentBoundaries,
+}
+
+
+def decode_event(raw: bytes) -> Envelope | ClockTick | SegmentBoundaries | DecodeError:
     if len(raw) > MAX_EVENT_BYTES:
         return DecodeError("too_large", f"{len(raw)} bytes, the limit is {MAX_EVENT_BYTES}")
     try:
@@ -36,9 +43,9 @@ def decode_event(raw: bytes) -> Envelope | ClockTick | DecodeError:
     if not isinstance(data, dict):
         return DecodeError("not_an_object", f"top level is {type(data).__name__}, expected an object")
     type_name = data.get("type")
-    if type_name == CLOCK_TICK_TYPE:
+    if type_name in SYSTEM_RECORDS:
         try:
-            return ClockTick.model_validate(data)
+            return SYSTEM_RECORDS[type_name].model_validate(data)
         except ValidationError as exc:
             return DecodeError("schema_invalid", _describe(exc))
     if type_name not in EVENT_TYPES:

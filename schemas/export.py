@@ -6,7 +6,7 @@ from pathlib import Path
 
 import orjson
 
-from schemas.clock import CLOCK_TICK_TYPE, ClockTick
+from schemas.codec import SYSTEM_RECORDS
 from schemas.events import event_model, registered_versions
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "jsonschema"
@@ -15,7 +15,8 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "jsonschema"
 def schema_documents() -> dict[str, bytes]:
     documents = {}
     models = [(type_name, version, event_model(type_name, version)) for type_name, version in registered_versions()]
-    for type_name, version, model in [*models, (CLOCK_TICK_TYPE, 1, ClockTick)]:
+    system = [(type_name, 1, model) for type_name, model in SYSTEM_RECORDS.items()]
+    for type_name, version, model in [*models, *system]:
         schema = model.model_json_schema(mode="validation")  # type: ignore[union-attr]
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
                   "$id": f"crm/events/{type_name}.v{version}.json", **schema}

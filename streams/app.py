@@ -25,7 +25,7 @@ from streams import kafka_fixes, topics
 from streams.config import settings
 from streams.rulebooks import load_rulebooks
 from streams.pipeline import (
-    Accepted, BalanceChanged, DeadLetter, Duplicate, LedgerEntry, ProfileChanged, SeenEvent, SegmentChanged,
+    Accepted, BalanceChanged, BoundariesApplied, DeadLetter, Duplicate, LedgerEntry, ProfileChanged, SeenEvent, SegmentChanged,
     SourceRecord, process,
 )
 
@@ -227,8 +227,10 @@ def create_app() -> faust.App:
                     counts[f"ledger.{output.data.get('kind', output.data['entry'])}"] += 1
                     await points_ledger.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
                 elif isinstance(output, SegmentChanged):
-                    counts[f"segment.{output.data['to_segment']}"] += 1
+                    counts[f"segment.{output.data['dimension']}"] += 1
                     await segment_changes.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
+                elif isinstance(output, BoundariesApplied):
+                    await segment_changes.send(key=output.boundaries_id.encode(), value=orjson.dumps(output.data))
                 elif isinstance(output, BalanceChanged):
                     await points_balances.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
                 elif isinstance(output, DeadLetter):

@@ -32,6 +32,9 @@ class Settings:
     # How often the worker's leader writes a clock tick to every events partition (schemas/clock.py);
     # 0 turns the clock off (tests that write their own ticks).
     tick_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_TICK_SECONDS", "60")))
+    # How often the projection writer recomputes the population boundaries of value tiers and RFM
+    # scores and appends them to the events log (projections/boundaries.py); 0 turns that off.
+    boundaries_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_BOUNDARIES_SECONDS", "3600")))
 
     @property
     def kafka_bootstrap(self) -> str:

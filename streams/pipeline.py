@@ -2,9 +2,10 @@
 it finds. The Faust agent (app.py) only feeds records in and sends the outputs; tests and the
 replay checker call `process` directly with dictionaries as state.
 
-Two kinds of record: customer events, folded into the customer's profile and loyalty account; and
+Three kinds of record: customer events, folded into the customer's profile and loyalty account;
 clock ticks (schemas/clock.py), which bring every customer of the partition with something due up
-to the tick's event time.
+to the tick's event time; and segment boundaries (schemas/boundaries.py), which the following ticks
+carry to every customer of the partition (streams/segments/population.py).
 
 Exactness under at-least-once delivery rests on two guards, both kept in state:
 - `CustomerState.last_offset`: a record at or before it was already applied (a redelivery after a
@@ -23,6 +24,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, MutableMapping, Union
 
+from schemas.boundaries import SegmentBoundaries
 from schemas.clock import ClockTick
 from schemas.codec import DecodeError, decode_event, fingerprint
 from schemas.envelope import Envelope
@@ -33,6 +35,7 @@ from streams import profile as profiles
 from streams.profile import CustomerProfile
 from streams.rulebooks import Rulebooks
 from streams.segments import membership
+from streams.segments.population import PartitionSegments
 from streams.timers import PartitionTimers
 
 
@@ -88,6 +91,14 @@ class SegmentChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class BoundariesApplied:
+    """Segment boundaries now in force in a partition, for the segment-changes topic (keyed by the
+    boundaries id: every partition sends the same row)."""
+    boundaries_id: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class BalanceChanged:
     customer_key: str
     data: dict[str, Any]
@@ -107,7 +118,8 @@ class Duplicate:
     record: SourceRecord
 
 
-Output = Union[Accepted, ProfileChanged, LedgerEntry, SegmentChanged, BalanceChanged, DeadLetter, Duplicate]
+Output = Union[Accepted, ProfileChanged, LedgerEntry, SegmentChanged, BoundariesApplied, BalanceChanged, DeadLetter,
+               Duplicate]
 
 
 def customer_store_key(customer_key: str) -> str:
@@ -134,6 +146,8 @@ def process(
         return [DeadLetter(decoded.reason, decoded.detail, record)]
     if isinstance(decoded, ClockTick):
         return _tick(decoded, record, store, rules, committed_offset)
+    if isinstance(decoded, SegmentBoundaries):
+        return _boundaries(decoded, record, store)
     event = decoded
     if event.received_at is None:
         # Producers that write straight to Kafka: the broker's timestamp is the receipt time.
@@ -166,13 +180,16 @@ def process(
             seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
         return [Accepted(event, record), *_resend(state, record.offset)]  # type: ignore[arg-type]
 
-    state = state or CustomerState.new(key)
-    profile, changes = profile_after_event(state.profile, event, record.offset, rules)
+    segments = PartitionSegments(store, record.partition)
+    if state is None:
+        segments.enrol(key)
+        state = CustomerState.new(key)
+    profile, changes = profile_after_event(state.profile, event, record.offset, rules, segments.boundaries)
     state.account, loyalty = ledger.apply(state.account, event, rules.loyalty)
     state.profile = _with_loyalty(profile, state.account)
     state.last_offset = record.offset
     outputs = [*_segment_outputs(key, changes), *_loyalty_outputs(key, loyalty)]
-    _save(store, state, record, outputs, rules, committed_offset)
+    _save(store, state, record, outputs, rules, committed_offset, segments.boundaries)
     seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
     return [Accepted(event, record), ProfileChanged(state.profile), *outputs]
 
@@ -183,6 +200,8 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
         return [DeadLetter("misrouted_tick", f"tick for partition {tick.partition} found in partition "
                                              f"{record.partition}", record)]
     timers = PartitionTimers(store, record.partition)
+    segments = PartitionSegments(store, record.partition)
+    boundaries = segments.boundaries
     now = to_ms(tick.occurred_at)
     if now <= timers.clock_ms:
         # Applied before (or an older tick from a second clock): re-send what it changed, if known.
@@ -195,13 +214,17 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
 
     outputs: list[Output] = []
     changed: list[str] = []
-    customer_keys, chunk_keys = timers.due(now)
+    due_keys, chunk_keys = timers.due(now)
+    customer_keys = list(dict.fromkeys([*due_keys, *segments.sweep_batch(record.offset)]))
     for customer_key in customer_keys:
         state = load_customer(store, customer_key)
         if state is None:
             continue
         account, loyalty = ledger.advance(state.account, now, rules.loyalty)
-        profile, passed = profile_until(state.profile, now, rules)
+        profile, passed = profile_until(state.profile, now, rules, boundaries)
+        if boundaries is not None:
+            profile, rescored = membership.rescore(profile, rules.segments, boundaries)
+            passed += rescored
         profile = _with_loyalty(profile, account)
         news = profile.figures() != state.profile.figures()
         if not (loyalty or news):
@@ -213,12 +236,12 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
             continue
         state.account, state.profile = account, profile
         changed.append(customer_key)
-        customer_outputs: list[Output] = _segment_outputs(customer_key, passed) + _loyalty_outputs(customer_key, loyalty)
+        customer_outputs = _segment_outputs(customer_key, passed) + _loyalty_outputs(customer_key, loyalty)
         if news:
             # A new version only when a figure changed, not for the clock alone.
             state.profile = replace(profile, version=profile.version + 1)
             customer_outputs.insert(0, ProfileChanged(state.profile))
-        _save(store, state, record, customer_outputs, rules, committed_offset, timers)
+        _save(store, state, record, customer_outputs, rules, committed_offset, boundaries, timers)
         outputs.extend(customer_outputs)
     timers.clock_ms = now
     timers.record_sweep(record.offset, changed, committed_offset)
@@ -226,20 +249,32 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
     return outputs
 
 
-def profile_after_event(profile: CustomerProfile, event: Envelope, offset: int,
-                        rules: Rulebooks) -> tuple[CustomerProfile, list[membership.SegmentChange]]:
+def _boundaries(boundaries: SegmentBoundaries, record: SourceRecord, store: MutableMapping[str, Any]) -> list[Output]:
+    if boundaries.partition != record.partition:
+        return [DeadLetter("misrouted_boundaries", f"boundaries for partition {boundaries.partition} found in "
+                                                   f"partition {record.partition}", record)]
+    segments = PartitionSegments(store, record.partition)
+    if segments.boundaries_id != boundaries.boundaries_id:
+        segments.publish(boundaries)
+    # Sent again on redelivery: the row is keyed by the boundaries id.
+    return [BoundariesApplied(boundaries.boundaries_id,
+                              {"entry": "boundaries", **boundaries.model_dump(mode="json", exclude={"partition"})})]
+
+
+def profile_after_event(profile: CustomerProfile, event: Envelope, offset: int, rules: Rulebooks,
+                        boundaries: SegmentBoundaries | None = None) -> tuple[CustomerProfile, list[membership.SegmentChange]]:
     """Time first (what the gap before this event did to the segments), then the event itself."""
-    profile, passed = profile_until(profile, to_ms(event.occurred_at), rules)
-    profile = profiles.fold_profile(profile, event, offset)
-    profile, entered = membership.settle(profile, rules.segments, str(event.event_id))
+    profile, passed = profile_until(profile, to_ms(event.occurred_at), rules, boundaries)
+    zone = rules.segments.at_ms(to_ms(event.occurred_at)).zone
+    profile = profiles.fold_profile(profile, event, offset, zone)
+    profile, entered = membership.settle(profile, rules.segments, boundaries, str(event.event_id))
     return profile, passed + entered
 
 
-def profile_until(profile: CustomerProfile, until_ms: int,
-                  rules: Rulebooks) -> tuple[CustomerProfile, list[membership.SegmentChange]]:
+def profile_until(profile: CustomerProfile, until_ms: int, rules: Rulebooks,
+                  boundaries: SegmentBoundaries | None = None) -> tuple[CustomerProfile, list[membership.SegmentChange]]:
     """Time passes with no event from the customer, up to `until_ms`."""
-    profile, passed = membership.advance(profile, until_ms, rules.segments)
-    return profiles.elapse(profile, until_ms), passed
+    return membership.advance(profile, until_ms, rules.segments, boundaries)
 
 
 def _with_loyalty(profile: CustomerProfile, account: ledger.Account) -> CustomerProfile:
@@ -248,12 +283,12 @@ def _with_loyalty(profile: CustomerProfile, account: ledger.Account) -> Customer
 
 def _save(store: MutableMapping[str, Any], state: CustomerState, record: SourceRecord,
           outputs: list[Output], rules: Rulebooks, committed_offset: int,
-          timers: PartitionTimers | None = None) -> None:
+          boundaries: SegmentBoundaries | None, timers: PartitionTimers | None = None) -> None:
     """Write the customer's state, listing its next deadline in the timers first: if a crash loses
     the tail of the changelog, it loses the state write (and the record is applied again) rather
     than leaving a state whose deadline nobody will wake."""
-    deadlines = [ledger.next_due_ms(state.account, rules.loyalty), membership.next_due_ms(state.profile, rules.segments),
-                 profiles.next_due_ms(state.profile)]
+    deadlines = [ledger.next_due_ms(state.account, rules.loyalty),
+                 membership.next_due_ms(state.profile, rules.segments, boundaries)]
     due = min((d for d in deadlines if d is not None), default=None)
     if due is not None and due != state.due_ms:
         (timers or PartitionTimers(store, record.partition)).add(state.account.customer_key, due)

@@ -20,8 +20,10 @@ from schemas.events import (
     AppSessionStarted, ComplaintFiled, ComplaintResolved, ConsentChanged, CustomerRegistered, DailySignIn,
     IdentityLinked, ProfileUpdated, PurchaseCompleted, PurchaseRefunded, SurveyAnswered,
 )
+from zoneinfo import ZoneInfo
+
 from streams import trailing
-from streams.loyalty.calendar import to_ms
+from streams.loyalty.calendar import from_ms, to_ms
 
 FAVOURITE_CATEGORIES = 3
 CONTACT_FIELDS = ("email", "phone", "address", "birthday")
@@ -52,6 +54,8 @@ class CustomerProfile:
     spend_minor: dict[str, int] = field(default_factory=dict)
     refunded_minor: dict[str, int] = field(default_factory=dict)
     last_purchase_ms: int | None = None
+    # Purchases made on a Saturday or Sunday in the segment rules' timezone.
+    weekend_purchases: int = 0
     category_units: dict[str, int] = field(default_factory=dict)
     store_purchases: dict[str, int] = field(default_factory=dict)
     # Where and how the customer shows up.
@@ -73,10 +77,17 @@ class CustomerProfile:
     points_pending: int = 0
     tier: str = ""
     # Segments (streams/segments): the event time the customer has been brought up to, the current
-    # lifecycle stage and since when, and how many segment changes there have been.
+    # lifecycle stage and since when, value tier, RFM scores (recency, frequency, monetary; 0 until
+    # scored) and segment, tags, the population boundaries they were scored against, and how many
+    # segment changes there have been.
     clock_ms: int = 0
     lifecycle_stage: str = ""
     lifecycle_since_ms: int | None = None
+    value_tier: str = ""
+    rfm: tuple[int, int, int] = (0, 0, 0)
+    rfm_segment: str = ""
+    tags: tuple[str, ...] = ()
+    boundaries_id: str = ""
     segment_seq: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +97,8 @@ class CustomerProfile:
     def from_dict(cls, data: dict[str, Any]) -> CustomerProfile:
         return cls(**{
             **data,
-            **{name: tuple(data[name]) for name in ("aliases", "contact", "channels", "stores", "resolved_unfiled")},
+            **{name: tuple(data[name]) for name in ("aliases", "contact", "channels", "stores", "resolved_unfiled",
+                                                    "rfm", "tags")},
             "recent": tuple(tuple(entry) for entry in data["recent"]),
         })
 
@@ -108,7 +120,7 @@ class CustomerProfile:
                 for currency, count in self.purchases_by_currency.items()
             },
             **windows,
-            "last_purchase_ms": self.last_purchase_ms,
+            "last_purchase_ms": self.last_purchase_ms, "weekend_purchases": self.weekend_purchases,
             "favourite_categories": _top(self.category_units, FAVOURITE_CATEGORIES),
             "favourite_store": next(iter(_top(self.store_purchases, 1)), ""),
             "favourite_channel": next(iter(_top(self.channel_events, 1)), ""),
@@ -121,6 +133,9 @@ class CustomerProfile:
             "complaint_count": self.complaint_count, "open_complaints": len(self.open_complaints),
             "points_available": self.points_available, "points_pending": self.points_pending, "tier": self.tier,
             "lifecycle_stage": self.lifecycle_stage, "lifecycle_since_ms": self.lifecycle_since_ms,
+            "value_tier": self.value_tier, "rfm_recency": self.rfm[0], "rfm_frequency": self.rfm[1],
+            "rfm_monetary": self.rfm[2], "rfm_segment": self.rfm_segment, "tags": list(self.tags),
+            "boundaries_id": self.boundaries_id,
         }
 
     def figures(self) -> dict[str, Any]:
@@ -152,8 +167,12 @@ def _add(totals: dict[str, int], key: str, amount: int) -> dict[str, int]:
     return {**totals, key: totals.get(key, 0) + amount}
 
 
-def fold_profile(profile: CustomerProfile | None, event: Envelope, offset: int) -> CustomerProfile:
-    """The profile after `event`, read from position `offset` of its partition."""
+UTC_ZONE = ZoneInfo("UTC")
+
+
+def fold_profile(profile: CustomerProfile | None, event: Envelope, offset: int,
+                 zone: ZoneInfo = UTC_ZONE) -> CustomerProfile:
+    """The profile after `event`, read from position `offset` of its partition; weekdays in `zone`."""
     if profile is None:
         profile = CustomerProfile(customer_key=event.customer_key)
     occurred = to_ms(event.occurred_at)
@@ -181,6 +200,7 @@ def fold_profile(profile: CustomerProfile | None, event: Envelope, offset: int) 
         changes["purchases_by_currency"] = _add(profile.purchases_by_currency, payload.currency, 1)
         changes["spend_minor"] = _add(profile.spend_minor, payload.currency, total)
         changes["last_purchase_ms"] = max(profile.last_purchase_ms or occurred, occurred)
+        changes["weekend_purchases"] = profile.weekend_purchases + (from_ms(occurred, zone).isoweekday() >= 6)
         changes["stores"] = _with(changes["stores"], payload.store_id)
         category_units = profile.category_units
         for line in payload.lines:
@@ -219,6 +239,7 @@ def fold_profile(profile: CustomerProfile | None, event: Envelope, offset: int) 
         changes["surveys"] = {**profile.surveys, payload.kind: answers[-2:]}
     elif isinstance(payload, ComplaintFiled):
         changes["complaint_count"] = profile.complaint_count + 1
+        changes["recent"] = trailing.add(profile.recent, (occurred, trailing.COMPLAINT, "", 1))
         if payload.complaint_id in profile.resolved_unfiled:
             changes["resolved_unfiled"] = tuple(c for c in profile.resolved_unfiled if c != payload.complaint_id)
         else:
@@ -244,8 +265,3 @@ def with_loyalty(profile: CustomerProfile, available: int, pending: int, tier: s
     if (profile.points_available, profile.points_pending, profile.tier) == (available, pending, tier):
         return profile
     return replace(profile, points_available=available, points_pending=pending, tier=tier)
-
-
-def next_due_ms(profile: CustomerProfile) -> int | None:
-    """When time alone next changes a trailing figure."""
-    return trailing.next_change_ms(profile.recent, profile.clock_ms)

@@ -1,5 +1,5 @@
 """Trailing windows over a customer's recent activity: net spend over the last 30, 90 and 365 days
-per currency, app sessions and sign-ins over the last 30 days.
+per currency, app sessions, sign-ins and complaints over the last 30 days.
 
 The profile keeps each recent purchase, refund, session and sign-in as an entry (event time, kind,
 currency, amount) for as long as it counts in some window. A figure is as of a moment T: it sums the
@@ -13,11 +13,11 @@ from typing import Any
 
 from streams.loyalty.calendar import DAY_MS
 
-PURCHASE, REFUND, SESSION, SIGN_IN = "purchase", "refund", "session", "sign_in"
+PURCHASE, REFUND, SESSION, SIGN_IN, COMPLAINT = "purchase", "refund", "session", "sign_in", "complaint"
 SPEND_WINDOWS_DAYS = (30, 90, 365)
 ACTIVITY_WINDOW_DAYS = 30
 WINDOWS_DAYS = {PURCHASE: SPEND_WINDOWS_DAYS, REFUND: SPEND_WINDOWS_DAYS,
-                SESSION: (ACTIVITY_WINDOW_DAYS,), SIGN_IN: (ACTIVITY_WINDOW_DAYS,)}
+                SESSION: (ACTIVITY_WINDOW_DAYS,), SIGN_IN: (ACTIVITY_WINDOW_DAYS,), COMPLAINT: (ACTIVITY_WINDOW_DAYS,)}
 
 Entry = tuple[int, str, str, int]  # event time ms, kind, currency ("" for counts), amount (minor units or 1)
 
@@ -34,7 +34,7 @@ def prune(entries: tuple[Entry, ...], as_of_ms: int) -> tuple[Entry, ...]:
 
 def figures(entries: tuple[Entry, ...], as_of_ms: int) -> dict[str, Any]:
     spend: dict[int, dict[str, int]] = {days: {} for days in SPEND_WINDOWS_DAYS}
-    activity = {SESSION: 0, SIGN_IN: 0}
+    activity = {SESSION: 0, SIGN_IN: 0, COMPLAINT: 0}
     for occurred, kind, currency, amount in entries:
         if occurred > as_of_ms:
             continue
@@ -50,6 +50,7 @@ def figures(entries: tuple[Entry, ...], as_of_ms: int) -> dict[str, Any]:
         **{f"spend_{days}d_minor": totals for days, totals in spend.items()},
         "sessions_30d": activity[SESSION],
         "sign_ins_30d": activity[SIGN_IN],
+        "complaints_30d": activity[COMPLAINT],
     }
 
 

@@ -95,6 +95,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Tests write their own clock ticks at chosen event times, so that what time does is the same
     # in ClickHouse and in the pure replay they compare it with.
     os.environ["CRM_TICK_SECONDS"] = "0"
+    # Likewise segment boundaries: tests publish them when they want them (projections/boundaries.py).
+    os.environ["CRM_BOUNDARIES_SECONDS"] = "0"
     containers: list[Any] = []
     broker = None
     if os.environ.get("CRM_TESTCONTAINERS") == "1":

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import orjson
+
+from projections import boundaries
 from services.simulator import Simulator, Workload
 from streams import topics
+from streams.config import settings
+from streams.rulebooks import load_rulebooks
 
 DAY = 86_400_000
 T = "toUnixTimestamp64Milli(occurred_at)"
@@ -44,6 +49,8 @@ AGGREGATES = {
     "sessions_30d": f"countIf(type = 'app_session_started' AND {window(30)})",
     "sign_ins_30d": f"countIf(type = 'daily_sign_in' AND {window(30)})",
     "complaint_count": "countIf(type = 'complaint_filed')",
+    "complaints_30d": f"countIf(type = 'complaint_filed' AND {window(30)})",
+    "weekend_purchases": f"countIf({PURCHASE} AND toDayOfWeek(occurred_at, 0, 'UTC') >= 6)",
     "open_complaints": "length(arrayFilter(c -> NOT has(groupUniqArrayIf(JSONExtractString(payload, 'complaint_id'), "
                        "type = 'complaint_resolved'), c), groupUniqArrayIf(JSONExtractString(payload, 'complaint_id'), "
                        "type = 'complaint_filed')))",
@@ -152,6 +159,72 @@ def differences(stack, prefix: str) -> list[str]:
     return out
 
 
+# Not profile columns: what the segment expectations below need besides the columns.
+SEGMENT_INPUTS = {"app_events": "countIf(channel = 'app')", "all_events": "count()"}
+
+
+def expected_segments(stack, prefix: str, boundaries_id: str) -> dict[str, dict[str, object]]:
+    """Value tier, RFM and tags of every customer, from figures recomputed with SQL (as of each
+    profile's as_of), the published boundaries row and the rules file, by the definitions in
+    docs/segments.md."""
+    want = recomputed(stack, prefix)
+    extra = stack.query(
+        f"SELECT customer_key, {', '.join(SEGMENT_INPUTS.values())} FROM events FINAL "
+        "WHERE startsWith(customer_key, {p:String}) GROUP BY customer_key", {"p": prefix})
+    app_events = {row[0]: row[1] for row in extra}
+    all_events = {row[0]: row[2] for row in extra}
+    as_of = dict(stack.query("SELECT customer_key, toUnixTimestamp64Milli(as_of) FROM customer_profiles FINAL "
+                             "WHERE startsWith(customer_key, {p:String})", {"p": prefix}))
+    (high, mid, r_cuts, f_cuts, m_cuts), = stack.query(
+        "SELECT value_high_min, value_mid_min, recency_days_cuts, frequency_cuts, monetary_cuts "
+        "FROM segment_boundaries FINAL WHERE boundaries_id = {b:String}", {"b": boundaries_id})
+    version = load_rulebooks(settings()).segments.at_ms(max(as_of.values()))
+    out: dict[str, dict[str, object]] = {"value_tier": {}, "rfm_recency": {}, "rfm_frequency": {}, "rfm_monetary": {},
+                                         "rfm_segment": {}, "tags": {}}
+    for key in want["first_seen"]:
+        purchases = want["purchase_count"][key]
+        spend_365d = want["spend_365d"][key].get("EUR", 0)
+        monetary = want["spend"][key].get("EUR", 0)
+        last_purchase = want["last_purchase_at"][key]
+        days = None if last_purchase is None else (as_of[key] - int(last_purchase.timestamp() * 1000)) // DAY
+        out["value_tier"][key] = "high" if spend_365d >= high else "mid" if spend_365d >= mid else "low"
+        if days is None:
+            r = f = m = 0
+            out["rfm_segment"][key] = ""
+        else:
+            r = 5 - sum(days > cut for cut in r_cuts)
+            f = 1 + sum(purchases > cut for cut in f_cuts)
+            m = 1 + sum(monetary > cut for cut in m_cuts)
+            cell = f"{r}{(f + m + 1) // 2}"
+            out["rfm_segment"][key] = next(name for name, cells in version.rfm.segments.items() if cell in cells)
+        out["rfm_recency"][key], out["rfm_frequency"][key], out["rfm_monetary"][key] = r, f, m
+        figures = {
+            "purchase_count": purchases, "refund_count": want["refund_count"][key],
+            "refund_rate": want["refund_count"][key] / purchases if purchases else None,
+            "spend_365d": float(spend_365d), "session_count": want["session_count"][key],
+            "sign_in_count": want["sign_in_count"][key], "sessions_30d": want["sessions_30d"][key],
+            "sign_ins_30d": want["sign_ins_30d"][key], "complaint_count": want["complaint_count"][key],
+            "complaints_30d": want["complaints_30d"][key], "open_complaints": want["open_complaints"][key],
+            "nps_latest": want["nps_latest"][key], "csat_latest": want["csat_latest"][key],
+            "points_available": want["points_available"][key],
+            "weekend_purchase_share": want["weekend_purchases"][key] / purchases if purchases else None,
+            "app_share": app_events[key] / all_events[key], "days_since_last_purchase": days,
+            "days_since_last_seen": (as_of[key] - int(want["last_seen"][key].timestamp() * 1000)) // DAY,
+        }
+        out["tags"][key] = sorted(name for name, conditions in version.tags.items()
+                                  if all(bounds.holds(figures[field]) for field, bounds in conditions.items()))
+    return out
+
+
+def segment_differences(stack, prefix: str, boundaries_id: str) -> list[str]:
+    want = expected_segments(stack, prefix, boundaries_id)
+    got = projected(stack, prefix, list(want))
+    return [f"{name}: {len(wrong)} differ, e.g. (customer, profile, expected) {wrong[:2]}"
+            for name in want
+            if (wrong := [(key, got[name].get(key), want[name][key]) for key in sorted(want[name])
+                          if got[name].get(key) != want[name][key]])]
+
+
 def test_every_profile_figure_equals_sql_over_the_events_table(stack):
     prefix = f"cons{uuid.uuid4().hex[:6]}"
     workload = Workload(customers=300, days=60, seed=23, customer_prefix=prefix, bad_input_rate=0.0)
@@ -175,6 +248,30 @@ def test_every_profile_figure_equals_sql_over_the_events_table(stack):
                        "countIf(points_available > 0), uniq(lifecycle_stage) FROM customer_profiles FINAL "
                        "WHERE startsWith(customer_key, {p:String})", {"p": prefix})[0]
     assert all(n > 0 for n in counts[:6]) and counts[6] > 1, counts
+
+    # Segments against the population: publish boundaries, let ticks carry them to every customer.
+    rules = load_rulebooks(settings())
+    boundaries_id = boundaries.publish(stack.client, stack.settings.clickhouse_database, rules.segments, stack.producer)
+    assert boundaries_id
+    latest = stack.query("SELECT greatest((SELECT max(as_of) FROM customer_profiles), (SELECT max(occurred_at) FROM events))")[0][0]
+    tick_at = normal(latest) + timedelta(days=1)
+    for n, partition in enumerate([*range(topics.EVENT_PARTITIONS)] * 2):
+        tick = {"event_id": str(uuid.uuid4()), "type": "clock_ticked", "partition": partition,
+                "occurred_at": (tick_at + timedelta(minutes=n // topics.EVENT_PARTITIONS)).isoformat()}
+        stack.send(b"clock", orjson.dumps(tick), partition=partition)
+    stack.flush()
+    stack.wait_for(lambda: stack.query(
+        "SELECT countIf(boundaries_id != {b:String}) = 0 FROM customer_profiles FINAL WHERE startsWith(customer_key, {p:String})",
+        {"b": boundaries_id, "p": prefix})[0][0], timeout=300, what="every customer scored with the new boundaries")
+    deadline, found = time.monotonic() + 120, ["not compared yet"]
+    while found and time.monotonic() < deadline:
+        found = differences(stack, prefix) + segment_differences(stack, prefix, boundaries_id)
+        if found:
+            time.sleep(2)
+    assert not found, "\n".join(found)
+    spread = stack.query("SELECT uniq(value_tier), uniq(rfm_segment), countIf(length(tags) > 0) FROM customer_profiles FINAL "
+                         "WHERE startsWith(customer_key, {p:String})", {"p": prefix})[0]
+    assert spread[0] == 3 and spread[1] >= 4 and spread[2] > 0, spread
 
 
 def test_the_profile_sql_in_the_docs_runs(stack):

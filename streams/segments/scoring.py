@@ -1,0 +1,119 @@
+"""Where a customer stands at a moment, in every segment dimension, as pure functions of the
+profile (brought up to that moment), the rules in force and the population boundaries:
+
+- value tier: high / mid / low by net spend over 365 days against the boundaries' cuts;
+- RFM: recency, frequency and monetary scores 1-5 against the boundaries' quintile cuts, and the
+  named segment of the (R, mean of F and M) cell; 0 and "" until the customer has bought;
+- tags: each tag rule's conditions over the figures in `facts`.
+
+Without boundaries (none published yet, or published for another currency) a customer has no value
+tier and no RFM scores: they are relative to a population nobody has measured yet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.boundaries import SegmentBoundaries
+from streams import trailing
+from streams.loyalty.calendar import DAY_MS
+from streams.profile import CustomerProfile
+from streams.segments.rules import SegmentRulesVersion
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    value_tier: str
+    rfm: tuple[int, int, int]
+    rfm_segment: str
+    tags: tuple[str, ...]
+
+
+def standing(profile: CustomerProfile, at_ms: int, rules: SegmentRulesVersion,
+             boundaries: SegmentBoundaries | None) -> Standing:
+    figures = facts(profile, at_ms, rules)
+    if boundaries is not None and boundaries.currency != rules.currency:
+        boundaries = None
+    tags = tuple(sorted(name for name, conditions in rules.tags.items()
+                        if all(bounds.holds(figures[field]) for field, bounds in conditions.items())))
+    if boundaries is None:
+        return Standing("", (0, 0, 0), "", tags)
+    scores = rfm_scores(figures, boundaries)
+    segment = rules.rfm.segment_of(scores[0], (scores[1] + scores[2] + 1) // 2) if scores[0] else ""
+    return Standing(value_tier(figures["spend_365d_minor"], boundaries), scores, segment, tags)
+
+
+def value_tier(spend_365d_minor: int, boundaries: SegmentBoundaries) -> str:
+    cuts = boundaries.value
+    if cuts is not None and spend_365d_minor >= cuts.high_min_minor:
+        return "high"
+    if cuts is not None and spend_365d_minor >= cuts.mid_min_minor:
+        return "mid"
+    return "low"
+
+
+def rfm_scores(figures: dict[str, Any], boundaries: SegmentBoundaries) -> tuple[int, int, int]:
+    """(R, F, M), each 1-5: how many of the four quintile cuts the customer is beyond. Ties with a cut
+    score low (for recency: a customer exactly at the cut is the more recent)."""
+    cuts = boundaries.rfm
+    if cuts is None or figures["days_since_last_purchase"] is None:
+        return (0, 0, 0)
+    recency = 5 - sum(figures["days_since_last_purchase"] > cut for cut in cuts.recency_days)
+    frequency = 1 + sum(figures["purchase_count"] > cut for cut in cuts.frequency)
+    monetary = 1 + sum(figures["monetary"] > cut for cut in cuts.monetary_minor)
+    return (recency, frequency, monetary)
+
+
+def facts(profile: CustomerProfile, at_ms: int, rules: SegmentRulesVersion) -> dict[str, Any]:
+    """The figures segments are cut by: the tag fields in streams/segments/rules.py (money in major
+    units of the rules' currency), and in minor units `monetary` and `spend_365d_minor`."""
+    windows = trailing.figures(profile.recent, at_ms)
+    purchases = profile.purchase_count
+    events = sum(profile.channel_events.values())
+    nps, csat = (profile.surveys.get(kind, []) for kind in ("nps", "csat"))
+    return {
+        "purchase_count": purchases,
+        "refund_count": profile.refund_count,
+        "refund_rate": profile.refund_count / purchases if purchases else None,
+        "monetary": profile.spend_minor.get(rules.currency, 0),
+        "spend_365d_minor": windows["spend_365d_minor"].get(rules.currency, 0),
+        "spend_365d": windows["spend_365d_minor"].get(rules.currency, 0) / 100,
+        "session_count": profile.session_count,
+        "sign_in_count": profile.sign_in_count,
+        "sessions_30d": windows["sessions_30d"],
+        "sign_ins_30d": windows["sign_ins_30d"],
+        "complaint_count": profile.complaint_count,
+        "complaints_30d": windows["complaints_30d"],
+        "open_complaints": len(profile.open_complaints),
+        "nps_latest": nps[-1][2] if nps else None,
+        "csat_latest": csat[-1][2] if csat else None,
+        "points_available": profile.points_available,
+        "weekend_purchase_share": profile.weekend_purchases / purchases if purchases else None,
+        "app_share": profile.channel_events.get("app", 0) / events if events else None,
+        "days_since_last_purchase": _days_since(profile.last_purchase_ms, at_ms),
+        "days_since_last_seen": _days_since(profile.last_seen_ms, at_ms),
+    }
+
+
+def next_change_ms(profile: CustomerProfile, after_ms: int, rules: SegmentRulesVersion,
+                   boundaries: SegmentBoundaries | None) -> int | None:
+    """The first moment after `after_ms` at which time alone may change the standing: a recency
+    score crossing a cut, a day count crossing a tag's bound, or an entry leaving a trailing window."""
+    moments = [trailing.next_change_ms(profile.recent, after_ms)]
+    if profile.last_purchase_ms is not None and boundaries is not None and boundaries.rfm is not None:
+        moments += [profile.last_purchase_ms + (cut + 1) * DAY_MS for cut in boundaries.rfm.recency_days]
+    for conditions in rules.tags.values():
+        for field, bounds in conditions.items():
+            base = {"days_since_last_purchase": profile.last_purchase_ms,
+                    "days_since_last_seen": profile.last_seen_ms}.get(field)
+            if base is None:
+                continue
+            if bounds.min is not None:
+                moments.append(base + -int(-bounds.min // 1) * DAY_MS)
+            if bounds.max is not None:
+                moments.append(base + (int(bounds.max // 1) + 1) * DAY_MS)
+    return min((m for m in moments if m is not None and m > after_ms), default=None)
+
+
+def _days_since(millis: int | None, at_ms: int) -> int | None:
+    return None if millis is None else (at_ms - millis) // DAY_MS

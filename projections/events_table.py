@@ -43,12 +43,17 @@ ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(occurred_at)
 ORDER BY (customer_key, occurred_at, event_id)
 """),
+    (13, """
+ALTER TABLE {db}.events
+    ADD COLUMN IF NOT EXISTS attributed_from String DEFAULT '' COMMENT 'the alias key, when the event came with only an alias and was attributed to customer_key (docs/identity.md)'
+"""),
 ]
 
 COLUMNS = [
     "event_id", "type", "schema_version", "customer_key", "customer_id", "loyalty_card", "app_user_id",
     "phone_hash", "email_hash", "device_id", "occurred_at", "received_at", "channel", "store_id",
     "terminal_id", "source_device_id", "amount", "currency", "payload", "source_partition", "source_offset",
+    "attributed_from",
 ]
 
 
@@ -66,6 +71,6 @@ def rows(records: Iterable[Any]) -> list[list[Any]]:
             datetime.fromisoformat(event["occurred_at"]), datetime.fromisoformat(event["received_at"]),
             source["channel"], source.get("store_id") or "", source.get("terminal_id") or "",
             source.get("device_id") or "", Decimal(data["amount"]), data["currency"], orjson.dumps(payload).decode(),
-            data["partition"], data["offset"],
+            data["partition"], data["offset"], data.get("attributed_from", ""),
         ])
     return out

@@ -78,6 +78,10 @@ ALTER TABLE {db}.customer_profiles
     ADD COLUMN IF NOT EXISTS tags Array(LowCardinality(String)),
     ADD COLUMN IF NOT EXISTS boundaries_id String COMMENT 'the segment_boundaries row value tier and RFM were scored with'
 """),
+    (14, """
+ALTER TABLE {db}.customer_profiles
+    ADD COLUMN IF NOT EXISTS merged_into String DEFAULT '' COMMENT 'for a profile kept under an alias: the customer it was linked to (docs/identity.md)'
+"""),
 ]
 
 
@@ -112,7 +116,7 @@ _READERS: dict[str, Callable[[dict[str, Any]], Any]] = {
         "sign_in_count", "sessions_30d", "sign_ins_30d", "nps_latest", "nps_trend", "csat_latest", "csat_trend",
         "complaint_count", "open_complaints", "points_available", "points_pending", "tier", "lifecycle_stage",
         "weekend_purchases", "complaints_30d", "value_tier", "rfm_recency", "rfm_frequency", "rfm_monetary",
-        "rfm_segment", "tags", "boundaries_id")},
+        "rfm_segment", "tags", "boundaries_id", "merged_into")},
     "lifecycle_since": lambda r: _time(r["lifecycle_since_ms"]),
     "source_offset": _same("last_offset"),
 }

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from schemas.boundaries import SEGMENT_BOUNDARIES_TYPE, SegmentBoundaries
 from schemas.clock import CLOCK_TICK_TYPE, ClockTick
+from schemas.identity import ALIAS_EVENT_ATTRIBUTED_TYPE, ALIAS_LINKED_TYPE, AliasEventAttributed, AliasLinked
 from schemas.envelope import Envelope
 from schemas.events import EVENT_TYPES, event_model
 
@@ -28,12 +29,14 @@ class DecodeError:
 
 
 # Records that the platform itself appends to the events topic; they name no customer.
-SYSTEM_RECORDS: dict[str, type[ClockTick] | type[SegmentBoundaries]] = {
-    CLOCK_TICK_TYPE: ClockTick, SEGMENT_BOUNDARIES_TYPE: SegmentBoundaries,
+SystemRecord = ClockTick | SegmentBoundaries | AliasLinked | AliasEventAttributed
+SYSTEM_RECORDS: dict[str, type[SystemRecord]] = {
+    CLOCK_TICK_TYPE: ClockTick, SEGMENT_BOUNDARIES_TYPE: SegmentBoundaries, ALIAS_LINKED_TYPE: AliasLinked,
+    ALIAS_EVENT_ATTRIBUTED_TYPE: AliasEventAttributed,
 }
 
 
-def decode_event(raw: bytes) -> Envelope | ClockTick | SegmentBoundaries | DecodeError:
+def decode_event(raw: bytes) -> Envelope | SystemRecord | DecodeError:
     if len(raw) > MAX_EVENT_BYTES:
         return DecodeError("too_large", f"{len(raw)} bytes, the limit is {MAX_EVENT_BYTES}")
     try:
@@ -48,6 +51,11 @@ def decode_event(raw: bytes) -> Envelope | ClockTick | SegmentBoundaries | Decod
             return SYSTEM_RECORDS[type_name].model_validate(data)
         except ValidationError as exc:
             return DecodeError("schema_invalid", _describe(exc))
+    return decode_catalog_event(data)
+
+
+def decode_catalog_event(data: dict[str, Any]) -> Envelope | DecodeError:
+    type_name = data.get("type")
     if type_name not in EVENT_TYPES:
         return DecodeError("unknown_type", f"type {type_name!r} is not in the event catalog")
     version = data.get("schema_version", 1)

@@ -105,8 +105,10 @@ class Simulator:
             quiet_from = joined + timedelta(days=rng.uniform(10, 30)) if persona.goes_quiet else None
             customers.append(Customer(
                 customer_id=f"{w.customer_prefix}-{n:06d}", persona=persona, home_store=store, timezone=tz,
-                loyalty_card=f"LC{1000000 + n}",
-                app_user_id=f"app-{n:06d}" if persona.app_sessions_per_month >= 1 else None,
+                # Aliases unique to the workload, as customer ids are, so that two workloads in one
+                # stack never claim each other's cards.
+                loyalty_card=f"LC-{w.customer_prefix}-{1000000 + n}",
+                app_user_id=f"app-{w.customer_prefix}-{n:06d}" if persona.app_sessions_per_month >= 1 else None,
                 joined=joined, quiet_from=quiet_from,
             ))
         return customers
@@ -131,14 +133,29 @@ class Simulator:
         identifiers = {"loyalty_card": customer.loyalty_card}
         if customer.app_user_id:
             identifiers["app_user_id"] = customer.app_user_id
+        if channel == "app":
+            identifiers["device_id"] = source["device_id"]
         return {
             "event_id": self._uuid(), "type": type_, "schema_version": 1, "customer_id": customer.customer_id,
             "identifiers": identifiers, "occurred_at": at, "source": source, "payload": payload,
         }
 
+    def _anonymous(self, event: dict[str, Any], alias_type: str) -> dict[str, Any]:
+        """The event as a producer sends it when it knows only one alias of the customer."""
+        alias = event["identifiers"][alias_type]
+        return {**{k: v for k, v in event.items() if k != "customer_id"}, "identifiers": {alias_type: alias}}
+
     def _customer_events(self, c: Customer, end: datetime) -> Iterator[dict[str, Any]]:
         rng, p = self.rng, c.persona
         channel = "app" if c.app_user_id and rng.random() < 0.5 else "pos"
+        if c.app_user_id and rng.random() < 0.3:
+            # Browsing the app before signing up: the device is all the app knows yet.
+            for _ in range(rng.randint(1, 3)):
+                at = c.joined - timedelta(days=rng.uniform(0.1, 5))
+                category = rng.choice(p.categories)
+                view = self._envelope(c, "product_viewed", at, "app",
+                                      {"sku": f"{category[:3]}-{rng.randint(1, 400):04d}", "category": category})
+                yield self._anonymous(view, "device_id")
         yield self._envelope(c, "customer_registered", c.joined, channel, {
             "name": f"Customer {c.customer_id[-6:]}", "email": f"{c.customer_id}@example.com",
             "preferred_store_id": c.home_store,
@@ -161,9 +178,11 @@ class Simulator:
                               "unit_price": str(Decimal(str(round(rng.uniform(low, high), 2))))})
             total = sum(Decimal(line["unit_price"]) * line["quantity"] for line in lines)
             pos = rng.random() < (0.3 if p.name == "app_first" else 0.9)
-            yield self._envelope(c, "purchase_completed", at, "pos" if pos else "app",
-                                 {"order_id": order_id, "currency": "EUR", "lines": lines,
-                                  **({"store_id": store} if pos else {})}, store=store)
+            purchase = self._envelope(c, "purchase_completed", at, "pos" if pos else "app",
+                                      {"order_id": order_id, "currency": "EUR", "lines": lines,
+                                       **({"store_id": store} if pos else {})}, store=store)
+            # Some terminals only scan the loyalty card.
+            yield self._anonymous(purchase, "loyalty_card") if pos and rng.random() < 0.1 else purchase
             c.orders.append((order_id, "EUR", total))
             if rng.random() < p.refund_rate:
                 full = rng.random() < 0.5
@@ -241,7 +260,8 @@ class Simulator:
                 yield from self._ticks(next_tick, partitions)
                 next_tick += timedelta(days=1)
             event = {**event, "occurred_at": event["occurred_at"].isoformat()}
-            key = event["customer_id"].encode()
+            alias_type, alias = next(iter(event["identifiers"].items()))
+            key = (event.get("customer_id") or f"{alias_type}:{alias}").encode()
             value = orjson.dumps(event)
             yield Message(key, value, "valid")
             if rng.random() < self.w.duplicate_rate:

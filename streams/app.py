@@ -25,7 +25,7 @@ from streams import kafka_fixes, topics
 from streams.config import settings
 from streams.rulebooks import load_rulebooks
 from streams.pipeline import (
-    Accepted, BalanceChanged, BoundariesApplied, DeadLetter, Duplicate, LedgerEntry, ProfileChanged, SeenEvent, SegmentChanged,
+    Accepted, BalanceChanged, BoundariesApplied, DeadLetter, Duplicate, Forward, LedgerEntry, ProfileChanged, SeenEvent, SegmentChanged,
     SourceRecord, process,
 )
 
@@ -79,6 +79,7 @@ def accepted_value(output: Accepted) -> bytes:
     return orjson.dumps({
         "event": to_json_dict(event),
         "customer_key": event.customer_key,
+        "attributed_from": output.attributed_from,
         "amount": str(amount),
         "currency": currency,
         "partition": output.record.partition,
@@ -229,6 +230,9 @@ def create_app() -> faust.App:
                 elif isinstance(output, SegmentChanged):
                     counts[f"segment.{output.data['dimension']}"] += 1
                     await segment_changes.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
+                elif isinstance(output, Forward):
+                    counts[f"forward.{output.record['type']}"] += 1
+                    await events.send(key=output.key.encode(), value=orjson.dumps(output.record))
                 elif isinstance(output, BoundariesApplied):
                     await segment_changes.send(key=output.boundaries_id.encode(), value=orjson.dumps(output.data))
                 elif isinstance(output, BalanceChanged):

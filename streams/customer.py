@@ -26,6 +26,10 @@ class CustomerState:
     due_ms: int | None = None
     # [[source offset, [output dicts]]], oldest first.
     outbox: list[list[Any]] = field(default_factory=list)
+    # For a key that is an alias (docs/identity.md): the customer it is linked to, and until then the
+    # events that arrived with only this alias, as [offset, event], to be attributed at the link.
+    linked_to: str | None = None
+    held: list[list[Any]] = field(default_factory=list)
 
     @classmethod
     def new(cls, customer_key: str) -> CustomerState:
@@ -33,12 +37,13 @@ class CustomerState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile.to_dict(), "account": self.account.to_dict(),
-                "last_offset": self.last_offset, "due_ms": self.due_ms, "outbox": self.outbox}
+                "last_offset": self.last_offset, "due_ms": self.due_ms, "outbox": self.outbox,
+                "linked_to": self.linked_to, "held": self.held}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CustomerState:
         return cls(CustomerProfile.from_dict(data["profile"]), Account.from_dict(data["account"]),
-                   data["last_offset"], data["due_ms"], data["outbox"])
+                   data["last_offset"], data["due_ms"], data["outbox"], data.get("linked_to"), data.get("held", []))
 
     def keep_outputs(self, offset: int, outputs: list[dict[str, Any]], committed_offset: int) -> None:
         # Kept even when empty: it marks the record as applied to this customer (see `touched_at`).

@@ -2,10 +2,12 @@
 it finds. The Faust agent (app.py) only feeds records in and sends the outputs; tests and the
 replay checker call `process` directly with dictionaries as state.
 
-Three kinds of record: customer events, folded into the customer's profile and loyalty account;
-clock ticks (schemas/clock.py), which bring every customer of the partition with something due up
-to the tick's event time; and segment boundaries (schemas/boundaries.py), which the following ticks
-carry to every customer of the partition (streams/segments/population.py).
+Customer events are folded into the customer's profile and loyalty account. The platform appends
+records of its own: clock ticks (schemas/clock.py), which bring every customer of the partition with
+something due up to the tick's event time; segment boundaries (schemas/boundaries.py), which the
+following ticks carry to every customer of the partition (streams/segments/population.py); and
+identity records (schemas/identity.py), which attribute events that came with only an alias to the
+customer the alias belongs to (docs/identity.md).
 
 Exactness under at-least-once delivery rests on two guards, both kept in state:
 - `CustomerState.last_offset`: a record at or before it was already applied (a redelivery after a
@@ -26,7 +28,8 @@ from typing import Any, MutableMapping, Union
 
 from schemas.boundaries import SegmentBoundaries
 from schemas.clock import ClockTick
-from schemas.codec import DecodeError, decode_event, fingerprint
+from schemas.codec import DecodeError, decode_catalog_event, decode_event, fingerprint, to_json_dict
+from schemas.identity import AliasEventAttributed, AliasLinked, derived_id
 from schemas.envelope import Envelope
 from streams.customer import CustomerState
 from streams.loyalty import ledger
@@ -69,6 +72,7 @@ class SeenEvent:
 class Accepted:
     event: Envelope
     record: SourceRecord
+    attributed_from: str = ""  # the alias key, for an event that came with only an alias
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,17 @@ class BoundariesApplied:
 
 
 @dataclass(frozen=True, slots=True)
+class Forward:
+    """A record the worker appends to the events topic itself (schemas/identity.py)."""
+    key: str
+    record: dict[str, Any]
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return {"entry": "forward", "key": self.key, "record": self.record}
+
+
+@dataclass(frozen=True, slots=True)
 class BalanceChanged:
     customer_key: str
     data: dict[str, Any]
@@ -118,8 +133,10 @@ class Duplicate:
     record: SourceRecord
 
 
-Output = Union[Accepted, ProfileChanged, LedgerEntry, SegmentChanged, BoundariesApplied, BalanceChanged, DeadLetter,
-               Duplicate]
+Output = Union[Accepted, ProfileChanged, LedgerEntry, SegmentChanged, BoundariesApplied, Forward, BalanceChanged,
+               DeadLetter, Duplicate]
+# Events kept per unlinked alias for attribution at the link; later ones stay only with the alias.
+HELD_LIMIT = 500
 
 
 def customer_store_key(customer_key: str) -> str:
@@ -148,7 +165,21 @@ def process(
         return _tick(decoded, record, store, rules, committed_offset)
     if isinstance(decoded, SegmentBoundaries):
         return _boundaries(decoded, record, store)
-    event = decoded
+    if isinstance(decoded, AliasLinked):
+        return _alias_linked(decoded, record, store, rules, committed_offset)
+    if isinstance(decoded, AliasEventAttributed):
+        inner = decode_catalog_event(decoded.event)
+        if isinstance(inner, DecodeError):
+            return [DeadLetter(inner.reason, f"attributed event: {inner.detail}", record)]
+        event = inner.model_copy(update={"customer_id": decoded.customer_id})
+        return _event(event, record, store, seen_events, rules, committed_offset, str(decoded.event_id), decoded.alias_key)
+    return _event(decoded, record, store, seen_events, rules, committed_offset)
+
+
+def _event(event: Envelope, record: SourceRecord, store: MutableMapping[str, Any],
+           seen_events: MutableMapping[str, SeenEvent], rules: Rulebooks, committed_offset: int,
+           record_id: str | None = None, attributed_from: str = "") -> list[Output]:
+    """A customer event; `record_id` is the id of the record that carried it, when that is not the event."""
     if event.received_at is None:
         # Producers that write straight to Kafka: the broker's timestamp is the receipt time.
         event = event.model_copy(update={"received_at": datetime.fromtimestamp(record.timestamp_ms / 1000, UTC)})
@@ -157,7 +188,7 @@ def process(
         # Per-customer order and the offset guard both need every event of a customer in one partition.
         return [DeadLetter("wrong_key", f"record key {record.key!r} is not the event's customer key {key!r}", record)]
 
-    event_id = str(event.event_id)
+    event_id = record_id or str(event.event_id)
     content = fingerprint(event)
     seen = seen_events.get(event_id)
     state = load_customer(store, key)
@@ -178,20 +209,83 @@ def process(
         # and send the outputs again in case the crash lost them.
         if seen is None:
             seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
-        return [Accepted(event, record), *_resend(state, record.offset)]  # type: ignore[arg-type]
+        resent = _resend(state, record.offset)  # type: ignore[arg-type]
+        forwarded = any(isinstance(output, Forward) for output in resent)
+        return resent if forwarded else [Accepted(event, record, attributed_from), *resent]
+
+    anonymous = event.customer_id is None
+    if anonymous and state is not None and state.linked_to:
+        # The alias belongs to a customer now: the event is theirs, applied in their partition.
+        return _forward_to_customer(state, event, record, store, seen_events, rules, committed_offset, content)
 
     segments = PartitionSegments(store, record.partition)
     if state is None:
         segments.enrol(key)
         state = CustomerState.new(key)
+    aliases_before = state.profile.aliases
     profile, changes = profile_after_event(state.profile, event, record.offset, rules, segments.boundaries)
-    state.account, loyalty = ledger.apply(state.account, event, rules.loyalty)
+    if anonymous:
+        # Points belong to members: an alias's purchases earn once attributed to the customer.
+        loyalty: list[ledger.LoyaltyOutput] = []
+        if len(state.held) < HELD_LIMIT:
+            state.held.append([record.offset, to_json_dict(event)])
+    else:
+        state.account, loyalty = ledger.apply(state.account, event, rules.loyalty)
     state.profile = _with_loyalty(profile, state.account)
     state.last_offset = record.offset
     outputs = [*_segment_outputs(key, changes), *_loyalty_outputs(key, loyalty)]
+    if not anonymous:
+        outputs += [_link(alias, key, event) for alias in state.profile.aliases if alias not in aliases_before]
     _save(store, state, record, outputs, rules, committed_offset, segments.boundaries)
     seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
-    return [Accepted(event, record), ProfileChanged(state.profile), *outputs]
+    return [Accepted(event, record, attributed_from), ProfileChanged(state.profile), *outputs]
+
+
+def _link(alias_key: str, customer_id: str, event: Envelope) -> Forward:
+    link = AliasLinked(event_id=derived_id("link", alias_key, customer_id, str(event.event_id)),
+                       occurred_at=event.occurred_at, alias_key=alias_key, customer_id=customer_id,
+                       cause_event_id=event.event_id)
+    return Forward(alias_key, link.model_dump(mode="json"))
+
+
+def _attribution(alias_key: str, customer_id: str, event: dict[str, Any]) -> Forward:
+    record = AliasEventAttributed(event_id=derived_id("attributed", event["event_id"], customer_id),
+                                  alias_key=alias_key, customer_id=customer_id, event=event)
+    return Forward(customer_id, record.model_dump(mode="json"))
+
+
+def _forward_to_customer(state: CustomerState, event: Envelope, record: SourceRecord, store: MutableMapping[str, Any],
+                         seen_events: MutableMapping[str, SeenEvent], rules: Rulebooks, committed_offset: int,
+                         content: str) -> list[Output]:
+    outputs: list[Output] = [_attribution(state.account.customer_key, state.linked_to, to_json_dict(event))]  # type: ignore[arg-type]
+    state.last_offset = record.offset
+    _save(store, state, record, outputs, rules, committed_offset, None)
+    seen_events[str(event.event_id)] = SeenEvent(content, record.partition, record.offset)
+    return outputs
+
+
+def _alias_linked(link: AliasLinked, record: SourceRecord, store: MutableMapping[str, Any], rules: Rulebooks,
+                  committed_offset: int) -> list[Output]:
+    """The alias's partition learns whose alias it is: the events it held go to that customer, and
+    the profile kept under the alias is marked merged into theirs."""
+    key = link.alias_key
+    if record.key != key.encode():
+        return [DeadLetter("wrong_key", f"record key {record.key!r} is not the alias key {key!r}", record)]
+    state = load_customer(store, key) or CustomerState.new(key)
+    if state.last_offset >= record.offset:
+        return _resend(state, record.offset)
+    outputs: list[Output] = []
+    if state.linked_to != link.customer_id:
+        # A later link to someone else takes the alias's later events; attributed ones stay where they went.
+        outputs = [_attribution(key, link.customer_id, event) for _, event in state.held]
+        state.held = []
+        state.linked_to = link.customer_id
+        if state.profile.first_seen_ms is not None and not state.profile.merged_into:
+            state.profile = replace(state.profile, merged_into=link.customer_id, version=state.profile.version + 1)
+            outputs.insert(0, ProfileChanged(state.profile))
+    state.last_offset = record.offset
+    _save(store, state, record, outputs, rules, committed_offset, None)
+    return outputs
 
 
 def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any], rules: Rulebooks,
@@ -218,7 +312,7 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
     customer_keys = list(dict.fromkeys([*due_keys, *segments.sweep_batch(record.offset)]))
     for customer_key in customer_keys:
         state = load_customer(store, customer_key)
-        if state is None:
+        if state is None or state.linked_to:
             continue
         account, loyalty = ledger.advance(state.account, now, rules.loyalty)
         profile, passed = profile_until(state.profile, now, rules, boundaries)
@@ -289,11 +383,12 @@ def _save(store: MutableMapping[str, Any], state: CustomerState, record: SourceR
     than leaving a state whose deadline nobody will wake."""
     deadlines = [ledger.next_due_ms(state.account, rules.loyalty),
                  membership.next_due_ms(state.profile, rules.segments, boundaries)]
-    due = min((d for d in deadlines if d is not None), default=None)
+    # A profile merged into a customer's stays as it was at the link: time no longer moves it.
+    due = None if state.linked_to else min((d for d in deadlines if d is not None), default=None)
     if due is not None and due != state.due_ms:
         (timers or PartitionTimers(store, record.partition)).add(state.account.customer_key, due)
     state.due_ms = due
-    state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, (LedgerEntry, SegmentChanged))],
+    state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, (LedgerEntry, SegmentChanged, Forward))],
                        committed_offset)
     store[customer_store_key(state.account.customer_key)] = state.to_dict()
 
@@ -315,9 +410,14 @@ def _loyalty_outputs(customer_key: str, loyalty: list[ledger.LoyaltyOutput]) -> 
 
 def _resend(state: CustomerState, offset: int) -> list[Output]:
     key = state.account.customer_key
-    outputs: list[Output] = [ProfileChanged(state.profile)]
-    outputs.extend(SegmentChanged(key, data) if data["entry"] == "segment_changed" else LedgerEntry(key, data)
-                   for data in state.outputs_at(offset))
+    outputs: list[Output] = [ProfileChanged(state.profile)] if state.profile.first_seen_ms is not None else []
+    for data in state.outputs_at(offset):
+        if data["entry"] == "segment_changed":
+            outputs.append(SegmentChanged(key, data))
+        elif data["entry"] == "forward":
+            outputs.append(Forward(data["key"], data["record"]))
+        else:
+            outputs.append(LedgerEntry(key, data))
     if state.account.last_balance is not None:
         outputs.append(BalanceChanged(key, state.account.last_balance))
     return outputs

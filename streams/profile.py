@@ -89,6 +89,9 @@ class CustomerProfile:
     tags: tuple[str, ...] = ()
     boundaries_id: str = ""
     segment_seq: int = 0
+    # For a profile kept under an alias (events that came with only the alias): the customer the
+    # alias was linked to later; its events were attributed to that customer (docs/identity.md).
+    merged_into: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -97,8 +100,9 @@ class CustomerProfile:
     def from_dict(cls, data: dict[str, Any]) -> CustomerProfile:
         return cls(**{
             **data,
+            # States written before a field existed lack it: the default applies.
             **{name: tuple(data[name]) for name in ("aliases", "contact", "channels", "stores", "resolved_unfiled",
-                                                    "rfm", "tags")},
+                                                    "rfm", "tags") if name in data},
             "recent": tuple(tuple(entry) for entry in data["recent"]),
         })
 
@@ -135,7 +139,7 @@ class CustomerProfile:
             "lifecycle_stage": self.lifecycle_stage, "lifecycle_since_ms": self.lifecycle_since_ms,
             "value_tier": self.value_tier, "rfm_recency": self.rfm[0], "rfm_frequency": self.rfm[1],
             "rfm_monetary": self.rfm[2], "rfm_segment": self.rfm_segment, "tags": list(self.tags),
-            "boundaries_id": self.boundaries_id,
+            "boundaries_id": self.boundaries_id, "merged_into": self.merged_into,
         }
 
     def figures(self) -> dict[str, Any]:

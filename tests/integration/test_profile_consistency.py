@@ -248,6 +248,14 @@ def test_every_profile_figure_equals_sql_over_the_events_table(stack):
                        "countIf(points_available > 0), uniq(lifecycle_stage) FROM customer_profiles FINAL "
                        "WHERE startsWith(customer_key, {p:String})", {"p": prefix})[0]
     assert all(n > 0 for n in counts[:6]) and counts[6] > 1, counts
+    # Some events came with only an alias (before or after the link) and were attributed; every
+    # profile kept under such an alias was merged into its customer's.
+    attributed = stack.query("SELECT count() FROM events FINAL WHERE startsWith(customer_key, {p:String}) "
+                             "AND attributed_from != ''", {"p": prefix})[0][0]
+    aliases = stack.query("SELECT count(), countIf(merged_into != '') FROM customer_profiles FINAL "
+                          "WHERE position(customer_key, {p:String}) > 0 AND NOT startsWith(customer_key, {p:String})",
+                          {"p": prefix})[0]
+    assert attributed > 0 and aliases[0] > 0 and aliases[0] == aliases[1], (attributed, aliases)
 
     # Segments against the population: publish boundaries, let ticks carry them to every customer.
     rules = load_rulebooks(settings())

@@ -24,6 +24,13 @@ def test_valid_messages_decode_and_bad_ones_do_not():
             assert isinstance(decoded, DecodeError)
 
 
+def test_some_events_name_the_customer_only_by_an_alias():
+    events = Simulator(Workload(customers=300, days=60, seed=2)).events()
+    anonymous = [e for e in events if "customer_id" not in e]
+    assert {e["type"] for e in anonymous} == {"product_viewed", "purchase_completed"}
+    assert all(len(e["identifiers"]) == 1 for e in anonymous)
+
+
 def test_some_customers_go_quiet():
     sim = Simulator(Workload(customers=300, days=120, seed=1))
     events = sim.events()
@@ -31,6 +38,6 @@ def test_some_customers_go_quiet():
     last_purchase = {}
     for e in events:
         if e["type"] == "purchase_completed":
-            last_purchase[e["customer_id"]] = e["occurred_at"]
+            last_purchase[e["identifiers"]["loyalty_card"]] = e["occurred_at"]
     quiet = [c for c, at in last_purchase.items() if (end - at).days > 21]
     assert 0 < len(quiet) < len(last_purchase)

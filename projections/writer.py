@@ -68,6 +68,8 @@ class ProjectionWriter:
         self.segment_rules = load_segment_rules(settings.segment_rules)
         self.boundaries_id: str | None = None
         self._boundaries_due = time.monotonic() + settings.boundaries_seconds
+        self._boundaries_wanted = threading.Event()
+        self._boundaries_done = threading.Event()
 
     def _consumer(self) -> KafkaConsumer:
         return KafkaConsumer(
@@ -102,7 +104,8 @@ class ProjectionWriter:
                 if batch:
                     self.write(batch)
                     consumer.commit()
-                if self.settings.boundaries_seconds > 0 and time.monotonic() >= self._boundaries_due:
+                interval = self.settings.boundaries_seconds
+                if self._boundaries_wanted.is_set() or (interval > 0 and time.monotonic() >= self._boundaries_due):
                     producer = producer or KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
                                                          enable_idempotence=True)
                     self.publish_boundaries(producer)
@@ -117,11 +120,22 @@ class ProjectionWriter:
         self._boundaries_due = time.monotonic() + self.settings.boundaries_seconds
         try:
             published = boundaries.publish(self.client, self.database, self.segment_rules, producer, self.boundaries_id)
+            self.boundaries_id = published or self.boundaries_id
         except Exception:
             # The projections matter more than fresh boundaries: try again at the next interval.
             log.exception("could not publish segment boundaries")
-            return
-        self.boundaries_id = published or self.boundaries_id
+        finally:
+            self._boundaries_wanted.clear()
+            self._boundaries_done.set()
+
+    def request_boundaries(self, timeout: float = 120.0) -> str | None:
+        """Ask the running writer to publish boundaries now (from another thread: the writer's thread
+        owns the ClickHouse client); returns the id in force afterwards."""
+        self._boundaries_done.clear()
+        self._boundaries_wanted.set()
+        if not self._boundaries_done.wait(timeout):
+            raise TimeoutError("the projection writer did not publish boundaries in time")
+        return self.boundaries_id
 
     def write(self, batch: dict[Any, list[Any]]) -> None:
         by_topic: dict[str, list[Any]] = defaultdict(list)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 from kafka import KafkaProducer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from deploy.kafka.broker import LocalBroker
 from deploy.topics import ensure_topics
 from projections.writer import ProjectionWriter
+from schemas.clock import ClockTick
 from services import processes
 from services.lag import LagProbe
 from services.output import print_result
@@ -51,7 +55,21 @@ FROM customer_profiles AS p FINAL
 LEFT JOIN (SELECT to_segment, count() AS moved_in, countIf(cause_type = 'time') AS by_time
            FROM segment_changes FINAL WHERE dimension = 'lifecycle' GROUP BY to_segment) AS moves
        ON moves.to_segment = p.lifecycle_stage
+WHERE p.merged_into = ''
 GROUP BY stage ORDER BY customers DESC"""),
+    ("RFM segments and value tiers, against the population boundaries (segment_boundaries)", """
+SELECT rfm_segment, count() AS customers, countIf(value_tier = 'high') AS high_value,
+       round(avg(purchase_count), 1) AS avg_purchases, sum(spend['EUR']) AS spend_eur
+FROM customer_profiles FINAL
+WHERE merged_into = '' AND rfm_segment != ''
+GROUP BY rfm_segment ORDER BY customers DESC"""),
+    ("Tags now, and entries into them so far (segment_changes)", """
+SELECT now.tag AS tag, now.customers AS customers, moves.entries AS entries, moves.exits AS exits
+FROM (SELECT tag, count() AS customers FROM customer_profiles FINAL ARRAY JOIN tags AS tag
+      WHERE merged_into = '' GROUP BY tag) AS now
+LEFT JOIN (SELECT substring(dimension, 5) AS tag, countIf(to_segment != '') AS entries, countIf(to_segment = '') AS exits
+           FROM segment_changes FINAL WHERE startsWith(dimension, 'tag:') GROUP BY tag) AS moves USING (tag)
+ORDER BY customers DESC"""),
 ]
 
 
@@ -85,6 +103,7 @@ def run_demo(customers: int, days: int, seed: int) -> int:
     try:
         sent = _produce(console, config, Workload(customers=customers, days=days, seed=seed))
         _wait_for_pipeline(console, config, sent)
+        _segment_the_population(console, config, writer)
         if not writer_thread.is_alive():
             raise RuntimeError("the projection writer stopped; see the log above")
         _summary(console, writer, sent, time.monotonic() - started)
@@ -149,6 +168,24 @@ def _wait_for_pipeline(console: Console, config, sent: dict[str, int], timeout: 
         probe.close()
 
 
+def _segment_the_population(console: Console, config, writer: ProjectionWriter) -> None:
+    """Value tiers and RFM scores need population boundaries; the writer publishes them every
+    CRM_BOUNDARIES_SECONDS. The demo asks for them at once, then ticks every partition so that the
+    worker carries them to every customer (docs/segments.md)."""
+    boundaries_id = writer.request_boundaries()
+    console.print(f"Published segment boundaries {boundaries_id}; ticking every partition to apply them ...")
+    producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all")
+    now = datetime.now(UTC)
+    for partition in range(topics.EVENT_PARTITIONS):
+        tick = ClockTick(event_id=uuid.uuid4(), occurred_at=now, partition=partition)
+        producer.send(topics.EVENTS.name, key=b"clock", value=orjson.dumps(tick.model_dump(mode="json")),
+                      partition=partition)
+    producer.flush()
+    producer.close()
+    time.sleep(1)  # let the lag probe see the ticks
+    _wait_for_pipeline(console, config, {"ticks": topics.EVENT_PARTITIONS})
+
+
 def _summary(console: Console, writer: ProjectionWriter, sent: dict[str, int], elapsed: float) -> None:
     client = writer.client
 
@@ -159,16 +196,22 @@ def _summary(console: Console, writer: ProjectionWriter, sent: dict[str, int], e
     console.rule("[bold]What happened")
     console.print(f"Sent to crm.events: {sum(sent.values())} records "
                   + "(" + ", ".join(f"{kind} {n}" for kind, n in sorted(sent.items())) + ")")
-    [(events, customers, dead)] = query(
-        "SELECT (SELECT count() FROM events FINAL), (SELECT count() FROM customer_profiles FINAL), "
+    [(events, attributed, customers, merged, dead)] = query(
+        "SELECT (SELECT uniqExact(event_id) FROM events FINAL), "
+        "(SELECT countIf(attributed_from != '') FROM events FINAL), "
+        "(SELECT countIf(merged_into = '') FROM customer_profiles FINAL), "
+        "(SELECT countIf(merged_into != '') FROM customer_profiles FINAL), "
         "(SELECT count() FROM dead_letters FINAL)")[1]
-    console.print(f"Accepted into `events`: {events} (duplicates ignored: {sent.get('valid', 0) + sent.get('duplicate', 0) - events})")
-    console.print(f"Customer profiles: {customers};  dead letters: {dead};  wall time {elapsed:.0f}s")
+    console.print(f"Accepted into `events`: {events} (duplicates ignored: {sent.get('valid', 0) + sent.get('duplicate', 0) - events}); "
+                  f"{attributed} came with only an alias and were attributed to their customer")
+    console.print(f"Customer profiles: {customers} (and {merged} kept under an alias, merged);  dead letters: {dead};  "
+                  f"wall time {elapsed:.0f}s")
     print_result(*query("SELECT type, count() AS events FROM events FINAL GROUP BY type ORDER BY events DESC"),
                  title="Events by type", console=console)
     print_result(*query("SELECT reason, count() AS records, any(detail) AS example FROM dead_letters FINAL "
                         "GROUP BY reason ORDER BY records DESC"), title="Dead letters by reason", console=console)
-    columns, rows = query("SELECT * FROM customer_profiles FINAL ORDER BY purchase_count DESC, customer_key LIMIT 1")
+    columns, rows = query("SELECT * FROM customer_profiles FINAL WHERE merged_into = '' "
+                          "ORDER BY purchase_count DESC, customer_key LIMIT 1")
     console.print("\n[bold]Sample profile[/bold] (the most frequent buyer):")
     for column, value in zip(columns, rows[0]):
         console.print(f"  {column:<18} {value}")

@@ -105,11 +105,14 @@ def _restage(profile: CustomerProfile, rules: SegmentRules, boundaries: SegmentB
                       cause_type=cause_type, rules_version=version.version)
         for n, (dimension, before, after) in enumerate((m for m in moves if m[1] != m[2]))
     ]
+    scored_with = boundaries.boundaries_id if boundaries is not None else profile.boundaries_id
+    if not changes and (now.value_tier, now.rfm, now.tags, scored_with) == (
+            profile.value_tier, profile.rfm, profile.tags, profile.boundaries_id):
+        return profile, []  # the common case: nothing moved (spares a copy of the profile)
     updated = replace(
         profile, lifecycle_stage=stage,
         lifecycle_since_ms=at_ms if stage != profile.lifecycle_stage else profile.lifecycle_since_ms,
         value_tier=now.value_tier, rfm=now.rfm, rfm_segment=now.rfm_segment, tags=now.tags,
-        boundaries_id=boundaries.boundaries_id if boundaries is not None else profile.boundaries_id,
-        segment_seq=profile.segment_seq + len(changes),
+        boundaries_id=scored_with, segment_seq=profile.segment_seq + len(changes),
     )
-    return (profile, []) if updated == profile else (updated, changes)
+    return updated, changes

@@ -282,13 +282,14 @@ def test_every_profile_figure_equals_sql_over_the_events_table(stack):
     assert spread[0] == 3 and spread[1] >= 4 and spread[2] > 0, spread
 
 
-def test_the_profile_sql_in_the_docs_runs(stack):
+def test_the_profile_and_identity_sql_in_the_docs_runs(stack):
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "docs" / "profiles.md").read_text()
-    statements = [s.strip() for block in re.findall(r"```sql\n(.*?)```", text, flags=re.S)
-                  for s in block.split(";") if s.strip()]
-    assert len(statements) >= 2
-    results = [stack.query(statement) for statement in statements]
-    assert results[0], "the events table has customers (filled by the test before this one)"
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    for name, minimum in (("profiles.md", 2), ("identity.md", 2)):
+        statements = [s.strip() for block in re.findall(r"```sql\n(.*?)```", (docs / name).read_text(), flags=re.S)
+                      for s in block.split(";") if s.strip()]
+        assert len(statements) >= minimum, name
+        results = [stack.query(statement) for statement in statements]
+        assert results[0], f"{name}: the first query finds rows (the test before this one filled the tables)"

@@ -36,9 +36,11 @@ class CustomerState:
         return cls(CustomerProfile(customer_key=customer_key), Account(customer_key=customer_key))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile.to_dict(), "account": self.account.to_dict(),
-                "last_offset": self.last_offset, "due_ms": self.due_ms, "outbox": self.outbox,
-                "linked_to": self.linked_to, "held": self.held}
+        data = {"profile": self.profile.to_dict(), "account": self.account.to_dict(),
+                "last_offset": self.last_offset, "due_ms": self.due_ms, "outbox": self.outbox}
+        if self.linked_to is not None or self.held:
+            data.update(linked_to=self.linked_to, held=self.held)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CustomerState:

@@ -94,7 +94,10 @@ class CustomerProfile:
     merged_into: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        # Fields at their default are left out: state is stored per customer (and per alias), and
+        # most of a young or anonymous profile is still empty.
+        return {name: value for name, default in _DEFAULTS.items()
+                if (value := getattr(self, name)) != default or name == "customer_key"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CustomerProfile:
@@ -103,7 +106,7 @@ class CustomerProfile:
             # States written before a field existed lack it: the default applies.
             **{name: tuple(data[name]) for name in ("aliases", "contact", "channels", "stores", "resolved_unfiled",
                                                     "rfm", "tags") if name in data},
-            "recent": tuple(tuple(entry) for entry in data["recent"]),
+            "recent": tuple(tuple(entry) for entry in data.get("recent", ())),
         })
 
     def to_record(self) -> dict[str, Any]:
@@ -145,6 +148,12 @@ class CustomerProfile:
     def figures(self) -> dict[str, Any]:
         """What the profile says about the customer, without which snapshot it is: equal figures, no news."""
         return {name: value for name, value in self.to_record().items() if name not in SNAPSHOT_FIELDS}
+
+
+_DEFAULTS: dict[str, Any] = {
+    name: spec.default_factory() if callable(spec.default_factory) else spec.default  # type: ignore[misc]
+    for name, spec in CustomerProfile.__dataclass_fields__.items()
+}
 
 
 def to_minor(amount: Any) -> int:

@@ -6,6 +6,9 @@
   crm produce                   send simulated POS and app traffic to the events topic
   crm demo                      all of the above on a fresh local stack, then a summary
   crm sql "SELECT ..."          query the projections
+  crm api                       run the ingestion HTTP API in the foreground
+  crm keys create|list|rotate|revoke   API keys for POS terminals, apps, back offices
+  crm dlq list|show|resubmit    inspect dead letters and send them again after a fix
   crm schemas export            write the JSON Schema files for producers in other languages
   crm test                      run the whole test suite
   crm bench                     the throughput benchmark behind BENCHMARKS.md
@@ -163,6 +166,79 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from services.ingest.api import create_app
+    from services.ingest.logs import configure_json_logs
+
+    config = settings()
+    configure_json_logs()
+    uvicorn.run(create_app(config), host=args.host or config.api_host, port=args.port or config.api_port,
+                log_config=None, access_log=False)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from services.ingest.keys import ApiKeyStore, KeyProblem
+    from services.output import print_result
+
+    store = ApiKeyStore(settings().ingest_db)
+    try:
+        if args.action == "create":
+            types = frozenset(t.strip() for t in args.types.split(",")) if args.types else None
+            key, secret = store.create(args.source, args.name or args.source, args.store, types, args.rate, args.burst)
+            print(f"key {key.key_id} ({key.source.value}{', store ' + key.store_id if key.store_id else ''}): "
+                  f"{secret}\nThe secret is shown once; only its hash is kept.")
+        elif args.action == "rotate":
+            print(f"key {args.key_id}: {store.rotate(args.key_id)}\nThe old secret no longer works.")
+        elif args.action == "revoke":
+            store.revoke(args.key_id)
+            print(f"key {args.key_id} revoked")
+        else:
+            print_result(["key_id", "source", "name", "store", "rate/s", "burst", "types", "state"],
+                         [[k.key_id, k.source.value, k.name, k.store_id or "", k.rate_per_second, k.burst,
+                           len(k.event_types), "active" if k.active else "revoked"] for k in store.list()], args.format)
+    except KeyProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    import orjson
+
+    from schemas.codec import DecodeError
+    from services import dlq
+    from services.output import print_result
+
+    config = settings()
+    if args.action == "list":
+        letters = dlq.read(config, reason=args.reason, limit=args.limit)
+        print_result(["offset", "reason", "source", "detail"],
+                     [[x.offset, x.reason, x.source, x.headers.get("crm.dlq.detail", "")[:80]] for x in letters],
+                     args.format)
+        return 0
+    if args.offset is None:
+        print("error: give the dead letter's offset (see `crm dlq list`)", file=sys.stderr)
+        return 2
+    found = dlq.read(config, offset=args.offset)
+    if not found:
+        print(f"error: no dead letter at offset {args.offset}", file=sys.stderr)
+        return 1
+    if args.action == "show":
+        print(orjson.dumps(dlq.describe(found[0]), option=orjson.OPT_INDENT_2).decode())
+        return 0
+    sent = dlq.resubmit(config, found[0], Path(args.file) if args.file else None)
+    if isinstance(sent, DecodeError):
+        print(f"not sent, it still fails: {sent}", file=sys.stderr)
+        return 1
+    print(f"sent event {sent.event_id} ({sent.type}) to crm.events for {sent.customer_key}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
@@ -216,6 +292,32 @@ def parser() -> argparse.ArgumentParser:
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
     sql.add_argument("--write", action="store_true", help="allow statements that change data")
     sql.set_defaults(func=cmd_sql)
+
+    api = sub.add_parser("api", help="run the ingestion HTTP API in the foreground (docs/ingestion.md)")
+    api.add_argument("--host", help="default 127.0.0.1 (CRM_API_HOST)")
+    api.add_argument("--port", type=int, help="default 8080 (CRM_API_PORT)")
+    api.set_defaults(func=cmd_api)
+
+    keys = sub.add_parser("keys", help="API keys of the ingestion API")
+    keys.add_argument("action", choices=("create", "list", "rotate", "revoke"))
+    keys.add_argument("key_id", nargs="?", help="for rotate and revoke")
+    keys.add_argument("--source", choices=("pos", "app", "backoffice"), default="app")
+    keys.add_argument("--name", help="who uses it, for people reading `crm keys list`")
+    keys.add_argument("--store", help="the store a POS key is bound to")
+    keys.add_argument("--types", help="comma-separated event types (default: the source's usual ones)")
+    keys.add_argument("--rate", type=float, default=200.0, help="events per second (default 200)")
+    keys.add_argument("--burst", type=int, default=2000, help="events at once (default 2000)")
+    keys.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    keys.set_defaults(func=cmd_keys)
+
+    dead = sub.add_parser("dlq", help="dead letters: list, show one, send one again after a fix")
+    dead.add_argument("action", choices=("list", "show", "resubmit"))
+    dead.add_argument("offset", nargs="?", type=int, help="for show and resubmit")
+    dead.add_argument("--reason", help="list only this reason")
+    dead.add_argument("--limit", type=int, default=100)
+    dead.add_argument("--file", help="resubmit this corrected event instead of the original")
+    dead.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    dead.set_defaults(func=cmd_dlq)
 
     schemas = sub.add_parser("schemas", help="event catalog tools")
     schemas.add_argument("action", choices=("export",))

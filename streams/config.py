@@ -36,6 +36,17 @@ class Settings:
     # scores and appends them to the events log (projections/boundaries.py); 0 turns that off.
     boundaries_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_BOUNDARIES_SECONDS", "3600")))
 
+    # The ingestion API (services/ingest): where it listens, and the region for phone numbers
+    # written without a country code (normalised to E.164 before hashing).
+    api_host: str = field(default_factory=lambda: os.environ.get("CRM_API_HOST", "127.0.0.1"))
+    api_port: int = field(default_factory=lambda: int(os.environ.get("CRM_API_PORT", "8080")))
+    phone_region: str = field(default_factory=lambda: os.environ.get("CRM_PHONE_REGION", "DE"))
+
+    @property
+    def ingest_db(self) -> Path:
+        """API keys and the event ids the API has written (SQLite)."""
+        return self.state_dir / "ingest" / "ingest.sqlite"
+
     @property
     def kafka_bootstrap(self) -> str:
         return self.kafka_bootstrap_override or f"127.0.0.1:{self.kafka_port}"

@@ -165,3 +165,49 @@ def _start_containers() -> list[Any]:
     host, port = clickhouse.get_container_host_ip(), clickhouse.get_exposed_port(8123)
     os.environ["CRM_CLICKHOUSE_DSN"] = f"http://{clickhouse.username}:{clickhouse.password}@{host}:{port}/crm"
     return [kafka, clickhouse]
+
+
+@dataclass
+class Api:
+    url: str
+    keys: Any  # ApiKeyStore: tests make the keys they need
+
+    def key(self, source: str = "backoffice", **options: Any) -> str:
+        _, secret = self.keys.create(source, f"test-{source}", **options)
+        return secret
+
+
+@pytest.fixture(scope="session")
+def api(stack: Stack) -> Iterator[Api]:
+    """The ingestion API served by uvicorn on a free 127.0.0.1 port in a thread of this process."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from services.ingest.api import create_app
+    from services.ingest.keys import ApiKeyStore
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(stack.settings), host="127.0.0.1", port=port,
+                                          log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, name="ingestion-api", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the ingestion API did not become ready")
+    keys = ApiKeyStore(stack.settings.ingest_db)
+    try:
+        yield Api(url, keys)
+    finally:
+        keys.close()
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -162,26 +162,26 @@ def create_app(settings: Settings) -> FastAPI:
               responses={**ERRORS, 422: {"model": BatchResult, "description": "the event was rejected"}},
               openapi_extra=_body(EVENT_BODY))
     async def send_one(request: Request) -> JSONResponse:
-        body, key = await _read(request, edge)
-        result = await _ingest(request, edge, key, [body], single=True)
+        body, key, raw = await _read(request, edge)
+        result = await _ingest(request, edge, key, [body], originals=[raw])
         status = 422 if result.rejected else 200
         return JSONResponse(result.model_dump(), status_code=status)
 
     @app.post("/v1/events/batch", summary=f"send up to {MAX_BATCH_EVENTS} events", response_model=BatchResult,
               responses=ERRORS, openapi_extra=_body(BATCH_BODY))
     async def send_batch(request: Request) -> JSONResponse:
-        body, key = await _read(request, edge)
+        body, key, _ = await _read(request, edge)
         if not isinstance(body, dict) or set(body) != {"events"} or not isinstance(body["events"], list):
             raise Problem(400, "bad_request", 'the body must be {"events": [ ... ]}')
         if len(body["events"]) > MAX_BATCH_EVENTS:
             raise Problem(413, "too_many_events", f"{len(body['events'])} events; at most {MAX_BATCH_EVENTS} per batch")
-        result = await _ingest(request, edge, key, body["events"], single=False)
+        result = await _ingest(request, edge, key, body["events"])
         return JSONResponse(result.model_dump())
 
     return app
 
 
-async def _read(request: Request, edge: Edge) -> tuple[Any, ApiKey]:
+async def _read(request: Request, edge: Edge) -> tuple[Any, ApiKey, bytes]:
     authorization = request.headers.get("authorization", "")
     scheme, _, secret = authorization.partition(" ")
     key = edge.keys.authenticate(secret.strip()) if scheme.lower() == "bearer" and secret else None
@@ -197,10 +197,13 @@ async def _read(request: Request, edge: Edge) -> tuple[Any, ApiKey]:
     except orjson.JSONDecodeError as exc:
         await _dead_letter(edge, key, request.state.request_id, 0, raw, "malformed_json", str(exc))
         raise Problem(400, "malformed_json", f"the body is not JSON: {exc}") from exc
-    return body, key
+    return body, key, raw
 
 
-async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any], single: bool) -> BatchResult:
+async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any],
+                  originals: list[bytes] | None = None) -> BatchResult:
+    """`originals`: the items' bytes as sent, when the request body is one item (a batch's items are
+    dead-lettered as JSON re-encoded from the parsed batch)."""
     request_id = request.state.request_id
     wait = edge.limiter.take(key.key_id, max(len(items), 1), key.rate_per_second, key.burst)
     if wait:
@@ -250,8 +253,9 @@ async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any], s
         event_id = item.get("event_id") if isinstance(item, dict) and isinstance(item.get("event_id"), str) else None
         results[index] = ItemResult(index=index, event_id=event_id, status="rejected", reason=refusal.reason,
                                     errors=[ErrorDetail(**e.to_dict()) for e in refusal.errors])
-    await asyncio.gather(*(_dead_letter(edge, key, request_id, index, orjson.dumps(items[index]), refusal.reason,
-                                        refusal.detail) for index, refusal in refused))
+    await asyncio.gather(*(_dead_letter(edge, key, request_id, index,
+                                        originals[index] if originals else orjson.dumps(items[index]),
+                                        refusal.reason, refusal.detail) for index, refusal in refused))
     final = [r for r in results if r is not None]
     counts = {status: sum(r.status == status for r in final) for status in ("accepted", "duplicate", "rejected")}
     request.state.counts = counts

@@ -58,7 +58,7 @@ COLUMNS = [
 
 
 def rows(records: Iterable[Any]) -> list[list[Any]]:
-    """Rows from records of crm.events.accepted (see streams.app.accepted_value)."""
+    """Rows from records of crm.events.accepted (see streams.records.accepted_value)."""
     out = []
     for record in records:
         data = orjson.loads(record.value)

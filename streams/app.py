@@ -19,15 +19,11 @@ import faust
 import orjson
 
 from schemas.clock import ClockTick
-from schemas.codec import to_json_dict
-from schemas.events import money_amount
 from streams import kafka_fixes, topics
 from streams.config import settings
 from streams.rulebooks import load_rulebooks
-from streams.pipeline import (
-    Accepted, BalanceChanged, BoundariesApplied, DeadLetter, Duplicate, Forward, LedgerEntry, ProfileChanged, SeenEvent, SegmentChanged,
-    SourceRecord, process,
-)
+from streams.pipeline import DeadLetter, LedgerEntry, Output, SeenEvent, SegmentChanged, SourceRecord, process
+from streams.records import topic_record
 
 log = logging.getLogger("crm.worker")
 T = TypeVar("T")
@@ -60,31 +56,15 @@ class CodecTable(MutableMapping[str, T], Generic[T]):
         return len(self._table)
 
 
-def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
-    record = letter.record
-    return [
-        ("crm.dlq.reason", letter.reason.encode()),
-        ("crm.dlq.detail", letter.detail.encode()[:4000]),
-        ("crm.dlq.source.topic", record.topic.encode()),
-        ("crm.dlq.source.partition", str(record.partition).encode()),
-        ("crm.dlq.source.offset", str(record.offset).encode()),
-        ("crm.dlq.source.timestamp", str(record.timestamp_ms).encode()),
-    ]
-
-
-def accepted_value(output: Accepted) -> bytes:
-    """The accepted event plus what the events table needs and should not re-derive."""
-    event = output.event
-    amount, currency = money_amount(getattr(event, "payload", None)) or (0, "")
-    return orjson.dumps({
-        "event": to_json_dict(event),
-        "customer_key": event.customer_key,
-        "attributed_from": output.attributed_from,
-        "amount": str(amount),
-        "currency": currency,
-        "partition": output.record.partition,
-        "offset": output.record.offset,
-    })
+def _count_name(output: Output) -> str:
+    """What the worker's periodic log line counts an output as."""
+    if isinstance(output, LedgerEntry):
+        return f"ledger.{output.data.get('kind', output.data['entry'])}"
+    if isinstance(output, SegmentChanged):
+        return f"segment.{output.data['dimension']}"
+    if isinstance(output, DeadLetter):
+        return f"dead_letter.{output.reason}"
+    return type(output).__name__.lower()
 
 
 def committed_offset(app: faust.App, topic: str, partition: int) -> int:
@@ -186,12 +166,10 @@ def create_app() -> faust.App:
         value_serializer="raw",
     )
     events = app.topic(topics.EVENTS.name, key_type=bytes, value_type=bytes, partitions=topics.EVENT_PARTITIONS)
-    accepted = app.topic(topics.ACCEPTED.name, key_type=bytes, value_type=bytes)
-    profiles_topic = app.topic(topics.PROFILES.name, key_type=bytes, value_type=bytes)
-    dead_letters = app.topic(topics.DEAD_LETTERS.name, key_type=bytes, value_type=bytes)
-    points_ledger = app.topic(topics.POINTS_LEDGER.name, key_type=bytes, value_type=bytes)
-    points_balances = app.topic(topics.POINTS_BALANCES.name, key_type=bytes, value_type=bytes)
-    segment_changes = app.topic(topics.SEGMENT_CHANGES.name, key_type=bytes, value_type=bytes)
+    outputs = {topics.EVENTS.name: events, **{
+        spec.name: app.topic(spec.name, key_type=bytes, value_type=bytes)
+        for spec in (topics.ACCEPTED, topics.PROFILES, topics.DEAD_LETTERS, topics.POINTS_LEDGER,
+                     topics.POINTS_BALANCES, topics.SEGMENT_CHANGES)}}
 
     customer_state = app.Table(topics.CUSTOMER_STATE_TABLE, partitions=topics.EVENT_PARTITIONS,
                                key_type=bytes, value_type=bytes)
@@ -218,32 +196,13 @@ def create_app() -> faust.App:
             )
             committed = committed_offset(app, message.topic, message.partition)
             for output in process(record, store, seen_events, rules, committed):
-                if isinstance(output, Accepted):
-                    counts["accepted"] += 1
-                    await accepted.send(key=message.key, value=accepted_value(output))
-                elif isinstance(output, ProfileChanged):
-                    profile = output.profile
-                    await profiles_topic.send(key=profile.customer_key.encode(), value=orjson.dumps(profile.to_record()))
-                elif isinstance(output, LedgerEntry):
-                    counts[f"ledger.{output.data.get('kind', output.data['entry'])}"] += 1
-                    await points_ledger.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
-                elif isinstance(output, SegmentChanged):
-                    counts[f"segment.{output.data['dimension']}"] += 1
-                    await segment_changes.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
-                elif isinstance(output, Forward):
-                    counts[f"forward.{output.record['type']}"] += 1
-                    await events.send(key=output.key.encode(), value=orjson.dumps(output.record))
-                elif isinstance(output, BoundariesApplied):
-                    await segment_changes.send(key=output.boundaries_id.encode(), value=orjson.dumps(output.data))
-                elif isinstance(output, BalanceChanged):
-                    await points_balances.send(key=output.customer_key.encode(), value=orjson.dumps(output.data))
-                elif isinstance(output, DeadLetter):
-                    counts[f"dead_letter.{output.reason}"] += 1
+                counts[_count_name(output)] += 1
+                if isinstance(output, DeadLetter):
                     log.warning("dead-lettered %s[%d]@%d: %s: %s", record.topic, record.partition, record.offset,
                                 output.reason, output.detail)
-                    await dead_letters.send(key=message.key, value=message.value, headers=dead_letter_headers(output))
-                elif isinstance(output, Duplicate):
-                    counts["duplicate"] += 1
+                sent = topic_record(output)
+                if sent is not None:
+                    await outputs[sent.topic].send(key=sent.key, value=sent.value, headers=sent.headers or None)
 
     if config.tick_seconds > 0:
         @app.timer(interval=config.tick_seconds, on_leader=True)

@@ -9,6 +9,7 @@
   crm api                       run the ingestion HTTP API in the foreground
   crm keys create|list|rotate|revoke   API keys for POS terminals, apps, back offices
   crm dlq list|show|resubmit    inspect dead letters and send them again after a fix
+  crm spool status|send|rejected   a POS terminal's offline spool (docs/pos-spool.md)
   crm schemas export            write the JSON Schema files for producers in other languages
   crm test                      run the whole test suite
   crm bench                     the throughput benchmark behind BENCHMARKS.md
@@ -239,6 +240,45 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spool(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from services.output import print_result
+    from services.pos_spool import Spool
+
+    if not Path(args.path).is_file():
+        print(f"error: no spool at {args.path}", file=sys.stderr)
+        return 1
+    config = settings()
+    key = args.key or os.environ.get("CRM_API_KEY")
+    if args.action == "send" and not key:
+        print("error: sending needs the terminal's API key (--key, or env CRM_API_KEY)", file=sys.stderr)
+        return 2
+    code = 0
+    with Spool(args.path, args.api or f"http://{config.api_host}:{config.api_port}", key) as spool:
+        if args.action == "rejected":
+            rows = [[r["seq"], r["event_id"], r["reason"],
+                     "; ".join(f"{e['field']}: {e['message']}" for e in r["errors"]),
+                     datetime.fromtimestamp(r["rejected_at"]).isoformat(timespec="seconds")]
+                    for r in spool.rejected(args.limit)]
+            print_result(["seq", "event_id", "reason", "errors", "rejected_at"], rows, args.format)
+            return 0
+        if args.action == "send":
+            sent = spool.send_pending()
+            print(f"accepted {sent.accepted}, duplicates {sent.duplicates}, rejected {sent.rejected}"
+                  + (f"; stopped: {sent.error}" if sent.error else ""))
+            code = 1 if sent.error else 0
+        status = spool.status()
+    when = lambda t: datetime.fromtimestamp(t).isoformat(timespec="seconds")  # noqa: E731
+    print(f"waiting: {status.waiting}" + (f" (oldest {status.oldest_age_seconds:.0f} s)" if status.waiting else ""))
+    print(f"rejected: {status.rejected}" + (" (crm spool rejected)" if status.rejected else ""))
+    if status.last_error:
+        print(f"last error: {status.last_error} (at {when(status.last_error_at)})")
+    if status.next_attempt_at:
+        print(f"next attempt: {when(status.next_attempt_at)}")
+    return code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
@@ -318,6 +358,15 @@ def parser() -> argparse.ArgumentParser:
     dead.add_argument("--file", help="resubmit this corrected event instead of the original")
     dead.add_argument("--format", choices=("table", "csv", "json"), default="table")
     dead.set_defaults(func=cmd_dlq)
+
+    spool = sub.add_parser("spool", help="a POS terminal's offline spool: what waits, send it, rejected events")
+    spool.add_argument("action", choices=("status", "send", "rejected"))
+    spool.add_argument("--path", required=True, help="the spool's SQLite file")
+    spool.add_argument("--api", help="the ingestion API's URL (default http://CRM_API_HOST:CRM_API_PORT)")
+    spool.add_argument("--key", help="the terminal's API key, for send (or env CRM_API_KEY)")
+    spool.add_argument("--limit", type=int, default=100, help="rejected: at most this many")
+    spool.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    spool.set_defaults(func=cmd_spool)
 
     schemas = sub.add_parser("schemas", help="event catalog tools")
     schemas.add_argument("action", choices=("export",))

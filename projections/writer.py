@@ -69,6 +69,7 @@ class ProjectionWriter:
         self.boundaries_id: str | None = None
         self._boundaries_due = time.monotonic() + settings.boundaries_seconds
         self._boundaries_wanted = threading.Event()
+        self._rebuild: threading.Thread | None = None
         self._boundaries_done = threading.Event()
 
     def _consumer(self) -> KafkaConsumer:
@@ -104,6 +105,7 @@ class ProjectionWriter:
                 if batch:
                     self.write(batch)
                     consumer.commit()
+                self._start_requested_rebuild()
                 interval = self.settings.boundaries_seconds
                 if self._boundaries_wanted.is_set() or (interval > 0 and time.monotonic() >= self._boundaries_due):
                     producer = producer or KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
@@ -113,6 +115,21 @@ class ProjectionWriter:
             consumer.close(autocommit=False)
             if producer is not None:
                 producer.close()
+
+    def _start_requested_rebuild(self) -> None:
+        """`crm replay` asked for a rebuild (projections/replay.py): run it beside the writer, in
+        this process, which is the one that may open the embedded database."""
+        from projections import replay
+        from streams.rulebooks import load_rulebooks
+
+        if not replay.request_path(self.settings).exists():
+            return
+        if self._rebuild is not None and self._rebuild.is_alive():
+            return
+        self._rebuild = threading.Thread(
+            target=replay.run_requested, name="projection-rebuild",
+            args=(connect(self.settings), self.settings, load_rulebooks(self.settings)), daemon=True)
+        self._rebuild.start()
 
     def publish_boundaries(self, producer: KafkaProducer) -> None:
         """Value tiers and RFM scores compare each customer with the population, which only this

@@ -192,7 +192,7 @@ def create_app() -> faust.App:
                 continue
             record = SourceRecord(
                 key=message.key, value=message.value, partition=message.partition,
-                offset=message.offset, timestamp_ms=int(message.timestamp * 1000), topic=message.topic,
+                offset=message.offset, timestamp_ms=round(message.timestamp * 1000), topic=message.topic,
             )
             committed = committed_offset(app, message.topic, message.partition)
             for output in process(record, store, seen_events, rules, committed):

@@ -42,6 +42,20 @@ class Settings:
     api_port: int = field(default_factory=lambda: int(os.environ.get("CRM_API_PORT", "8080")))
     phone_region: str = field(default_factory=lambda: os.environ.get("CRM_PHONE_REGION", "DE"))
 
+    # SQL over HTTP for analysts (services/sql_http.py, docs/sql-http.md), served by the projection writer
+    # while it owns the embedded ClickHouse: where it listens (port 0: off), who may query
+    # ("name:password,..." and/or a file of such lines; none: off), and what each query may use (0: no limit).
+    sql_host: str = field(default_factory=lambda: os.environ.get("CRM_SQL_HOST", "127.0.0.1"))
+    sql_port: int = field(default_factory=lambda: int(os.environ.get("CRM_SQL_PORT", "8123")))
+    sql_users: str = field(default_factory=lambda: os.environ.get("CRM_SQL_USERS", ""), repr=False)
+    sql_users_file: Path | None = field(default_factory=lambda: Path(os.environ["CRM_SQL_USERS_FILE"])
+                                        if os.environ.get("CRM_SQL_USERS_FILE") else None)
+    sql_max_execution_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_SQL_MAX_EXECUTION_SECONDS", "60")))
+    sql_max_result_rows: int = field(default_factory=lambda: int(os.environ.get("CRM_SQL_MAX_RESULT_ROWS", "1000000")))
+    sql_max_result_bytes: int = field(default_factory=lambda: int(os.environ.get("CRM_SQL_MAX_RESULT_BYTES", "268435456")))
+    sql_max_memory_bytes: int = field(default_factory=lambda: int(os.environ.get("CRM_SQL_MAX_MEMORY_BYTES", "2000000000")))
+    sql_max_concurrent: int = field(default_factory=lambda: int(os.environ.get("CRM_SQL_MAX_CONCURRENT", "2")))
+
     @property
     def ingest_db(self) -> Path:
         """API keys and the event ids the API has written (SQLite)."""

@@ -6,7 +6,8 @@ the same changelog partition in the same order as the customer states it points 
   that have entries (with their chunk counts), and which customers recent ticks changed (so a
   redelivered tick can re-send their outputs).
 - `t|<partition>|<hour>|<chunk>`: customer keys due within the hour that ends at `<hour>` (hours since
-  the epoch), in chunks of at most CHUNK keys, so that adding one key never rewrites a huge value.
+  the epoch), in chunks of at most CHUNK keys, so that adding one key rewrites a small value (each write also
+  goes to the changelog).
   A tick wakes the customers of every hour that has ended by its time: what is due is applied at
   its exact event time, and sent at most an hour (plus a tick interval) after it.
 Entries are hints: a customer may be listed in several buckets, or in one that no longer applies
@@ -18,7 +19,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 HOUR_MS = 3_600_000
-CHUNK = 1000
+CHUNK = 100
 
 
 def bucket_of(millis: int) -> int:

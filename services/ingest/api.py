@@ -12,7 +12,7 @@ import time
 import uuid
 import zlib
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, AsyncIterator, Literal
 
@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.codec import fingerprint, to_json_dict
 from services.ingest.hygiene import Checked, FieldError, Refused, check
@@ -36,6 +37,7 @@ log = logging.getLogger("crm.ingest")
 MAX_BATCH_EVENTS = 500
 MAX_BODY_BYTES = 5 * 1024 * 1024
 KAFKA_TIMEOUT_SECONDS = 30.0
+MAX_DEAD_LETTER_BYTES = 900 * 1024  # under Kafka's default 1 MiB record limit, with room for headers
 
 
 # --- what the API answers (also its OpenAPI description) ---------------------------------------------
@@ -98,6 +100,9 @@ class Edge:
     seen: SeenEvents
     limiter: RateLimiter
     producer: AIOKafkaProducer | None = None
+    # Event ids being written by a request right now, with their fingerprint and whether the write
+    # succeeded: a concurrent request with the same id waits for that answer instead of writing again.
+    in_flight: dict[str, tuple[str, asyncio.Future[bool]]] = field(default_factory=dict)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -139,6 +144,12 @@ def create_app(settings: Settings) -> FastAPI:
             "counts": getattr(request.state, "counts", None),
             "ms": round((time.perf_counter() - started) * 1000, 1)}})
         return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_problem(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"request_id": request.state.request_id, "error": error, "detail": str(exc.detail)},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem) -> JSONResponse:
@@ -220,33 +231,50 @@ async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any],
         else:
             checked[index] = outcome
 
-    # De-duplication: against what was written before, and within this request.
+    # De-duplication: against what was written before, what another request is writing now, and
+    # within this request. No await from here to the reservations, so no request slips in between.
     prints = {index: fingerprint(c.event) for index, c in checked.items()}
     known = edge.seen.fingerprints(list({str(c.event.event_id) for c in checked.values()}))
     to_write: dict[int, Checked] = {}
-    first_in_request: dict[str, int] = {}
+    waiting: dict[int, tuple[str, asyncio.Future[bool]]] = {}
+    reserved: dict[str, asyncio.Future[bool]] = {}
     for index, c in checked.items():
         event_id = str(c.event.event_id)
-        earlier = known.get(event_id) or (prints[first_in_request[event_id]] if event_id in first_in_request else None)
+        if event_id in edge.in_flight and event_id not in reserved:
+            waiting[index] = edge.in_flight[event_id]
+            continue
+        earlier = known.get(event_id) or (edge.in_flight[event_id][0] if event_id in reserved else None)
         if earlier is None:
-            first_in_request[event_id] = index
+            reserved[event_id] = asyncio.get_running_loop().create_future()
+            edge.in_flight[event_id] = (prints[index], reserved[event_id])
             to_write[index] = c
-        elif earlier == prints[index]:
-            results[index] = ItemResult(index=index, event_id=event_id, status="duplicate", late=c.late)
         else:
-            refused.append((index, Refused("conflicting_duplicate", [FieldError(
-                "event_id", f"{event_id} was sent before with different content")])))
+            results[index] = _repeat(index, c, earlier == prints[index], refused)
 
     try:
-        sends = [await edge.producer.send(topics.EVENTS.name, key=c.event.customer_key.encode(),  # type: ignore[union-attr]
-                                          value=orjson.dumps(to_json_dict(c.event)))
-                 for c in to_write.values()]
-        await asyncio.wait_for(asyncio.gather(*sends), timeout=KAFKA_TIMEOUT_SECONDS)
-    except (KafkaError, asyncio.TimeoutError) as exc:
-        raise Problem(503, "kafka_unavailable", f"Kafka did not acknowledge: {exc!r}", {"Retry-After": "5"}) from exc
-    edge.seen.remember([(str(c.event.event_id), prints[index]) for index, c in to_write.items()])
+        try:
+            sends = [await edge.producer.send(topics.EVENTS.name, key=c.event.customer_key.encode(),  # type: ignore[union-attr]
+                                              value=orjson.dumps(to_json_dict(c.event)))
+                     for c in to_write.values()]
+            await asyncio.wait_for(asyncio.gather(*sends), timeout=KAFKA_TIMEOUT_SECONDS)
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            raise Problem(503, "kafka_unavailable", f"Kafka did not acknowledge: {exc!r}", {"Retry-After": "5"}) from exc
+        edge.seen.remember([(str(c.event.event_id), prints[index]) for index, c in to_write.items()])
+        written = True
+    except BaseException:
+        written = False
+        raise
+    finally:
+        for event_id, future in reserved.items():
+            edge.in_flight.pop(event_id, None)
+            future.set_result(written)
     for index, c in to_write.items():
         results[index] = ItemResult(index=index, event_id=str(c.event.event_id), status="accepted", late=c.late)
+    for index, (earlier, future) in waiting.items():
+        if not await future:
+            raise Problem(503, "kafka_unavailable", "a concurrent request with the same event failed to write it; "
+                                                    "retry", {"Retry-After": "1"})
+        results[index] = _repeat(index, checked[index], earlier == prints[index], refused)
 
     for index, refusal in refused:
         item = items[index]
@@ -254,13 +282,29 @@ async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any],
         results[index] = ItemResult(index=index, event_id=event_id, status="rejected", reason=refusal.reason,
                                     errors=[ErrorDetail(**e.to_dict()) for e in refusal.errors])
     await asyncio.gather(*(_dead_letter(edge, key, request_id, index,
-                                        originals[index] if originals else orjson.dumps(items[index]),
+                                        originals[index] if originals else _encoded(items[index]),
                                         refusal.reason, refusal.detail) for index, refusal in refused))
     final = [r for r in results if r is not None]
     counts = {status: sum(r.status == status for r in final) for status in ("accepted", "duplicate", "rejected")}
     request.state.counts = counts
     return BatchResult(request_id=request_id, accepted=counts["accepted"], duplicates=counts["duplicate"],
                        rejected=counts["rejected"], results=final)
+
+
+def _repeat(index: int, c: Checked, same: bool, refused: list[tuple[int, Refused]]) -> ItemResult | None:
+    """An event id written before: a duplicate if the content is the same, else refused."""
+    if same:
+        return ItemResult(index=index, event_id=str(c.event.event_id), status="duplicate", late=c.late)
+    refused.append((index, Refused("conflicting_duplicate", [FieldError(
+        "event_id", f"{c.event.event_id} was sent before with different content")])))
+    return None
+
+
+def _encoded(item: Any) -> bytes:
+    try:
+        return orjson.dumps(item)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes: keep what can be kept
+        return repr(item).encode()
 
 
 async def _dead_letter(edge: Edge, key: ApiKey, request_id: str, index: int, original: bytes, reason: str,
@@ -280,6 +324,10 @@ async def _dead_letter(edge: Edge, key: ApiKey, request_id: str, index: int, ori
         ("crm.dlq.api.source", f"{key.source.value}:{key.store_id or key.name}".encode()),
         ("crm.dlq.api.request_id", request_id.encode()),
     ]
+    if len(original) > MAX_DEAD_LETTER_BYTES:
+        # Kafka refuses records over a megabyte; the head of the body and its size still say what came.
+        headers.append(("crm.dlq.truncated_from", str(len(original)).encode()))
+        original = original[:MAX_DEAD_LETTER_BYTES]
     try:
         await edge.producer.send_and_wait(topics.DEAD_LETTERS.name, value=original, key=key.key_id.encode(),  # type: ignore[union-attr]
                                           headers=headers)

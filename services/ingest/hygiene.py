@@ -8,7 +8,8 @@ sender's key and the receipt time (thresholds: docs/ingestion.md):
 3. schema validation against the event catalog, field by field; unknown types are refused;
 4. scope: the key may send this type; a POS key only for its own store;
 5. clock: `occurred_at` more than FUTURE_TOLERANCE ahead of receipt is refused; more than LATE_AFTER
-   behind is accepted and marked late; `received_at` is set to the receipt time.
+   behind is accepted and marked late; more than MAX_AGE behind is refused; `received_at` is set
+   to the receipt time.
 De-duplication by `event_id` needs memory across requests and lives in seen.py."""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from services.ingest.keys import ApiKey, SourceKind
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
 LATE_AFTER = timedelta(days=7)
+MAX_AGE = timedelta(days=3660)  # ten years: older is a wrong clock, not a late terminal
 PERSONAL_IDENTIFIERS = (("email", "email_hash"), ("phone", "phone_hash"))
 
 
@@ -61,16 +63,19 @@ class Refused:
 def check(item: Any, key: ApiKey, received_at: datetime, phone_region: str) -> Checked | Refused:
     if not isinstance(item, dict):
         return Refused("not_an_object", [FieldError("(event)", f"expected a JSON object, got {type(item).__name__}")])
-    size = len(orjson.dumps(item))
+    try:
+        size = len(orjson.dumps(item))
+    except orjson.JSONEncodeError:  # nested deeper than any event of the catalog can be
+        return Refused("too_deep", [FieldError("(event)", "nested too deeply")])
     if size > MAX_EVENT_BYTES:
         return Refused("too_large", [FieldError("(event)", f"{size} bytes, the limit is {MAX_EVENT_BYTES}")])
     type_name = item.get("type")
-    if type_name not in EVENT_TYPES:
+    if not isinstance(type_name, str) or type_name not in EVENT_TYPES:
         return Refused("unknown_type", [FieldError("type", f"{type_name!r} is not in the event catalog")])
     if type_name not in key.event_types:
         return Refused("type_not_allowed", [FieldError("type", f"key {key.key_id} may not send {type_name}")])
     version = item.get("schema_version", 1)
-    model = event_model(type_name, version) if isinstance(version, int) else None
+    model = event_model(type_name, version) if type(version) is int else None
     if model is None:
         return Refused("unsupported_schema_version", [FieldError("schema_version", f"{type_name} has no version {version!r}")])
 
@@ -88,6 +93,9 @@ def check(item: Any, key: ApiKey, received_at: datetime, phone_region: str) -> C
     if key.source is SourceKind.POS and stores != {key.store_id}:
         return Refused("store_not_allowed", [FieldError("source.store_id", f"key {key.key_id} sends for store "
                                                                            f"{key.store_id}, not {sorted(stores)}")])
+    if event.occurred_at < received_at - MAX_AGE:
+        return Refused("occurred_too_long_ago", [FieldError(
+            "occurred_at", f"{event.occurred_at.isoformat()} is more than {MAX_AGE.days} days before receipt")])
     if event.occurred_at > received_at + FUTURE_TOLERANCE:
         return Refused("occurred_in_future", [FieldError(
             "occurred_at", f"{event.occurred_at.isoformat()} is more than {FUTURE_TOLERANCE} after receipt "
@@ -100,14 +108,17 @@ def _normalise(item: dict[str, Any], key: ApiKey, phone_region: str) -> tuple[di
     errors: list[FieldError] = []
     payload = item.get("payload")
     source = item.get("source")
-    if key.source is SourceKind.POS and isinstance(source, dict) and not source.get("store_id"):
+    if key.source is SourceKind.POS and isinstance(source, dict) and source.get("store_id") is None:
         # A POS key is bound to one store: an event that names none is from that store.
         item["source"] = {**source, "store_id": key.store_id}
     if isinstance(payload, dict):
         payload = dict(payload)
         if isinstance(payload.get("currency"), str):
             payload["currency"] = payload["currency"].strip().upper()
-        identifiers = dict(item.get("identifiers") or {})
+        given = item.get("identifiers")
+        if given is not None and not isinstance(given, dict):
+            return item, []  # not an object: schema validation says so
+        identifiers = dict(given or {})
         for name, hash_name in PERSONAL_IDENTIFIERS:
             value = payload.get(name)
             if not isinstance(value, str) or not value.strip():

@@ -18,8 +18,9 @@ from typing import Any
 
 from schemas.boundaries import SegmentBoundaries
 
-CHUNK = 500
-SWEEP_CHUNKS = 10
+# Small chunks: adding a customer rewrites the last chunk, and every write goes to the changelog.
+CHUNK = 100
+SWEEP_CHUNKS = 50
 
 
 class PartitionSegments:

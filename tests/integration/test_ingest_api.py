@@ -35,6 +35,7 @@ def on_topic(stack, topic: str, wanted: set[str]) -> dict[str, list]:
                 except orjson.JSONDecodeError:
                     body = {}
                 ident = body.get("event_id") if isinstance(body, dict) else None
+                ident = ident if isinstance(ident, str) else None
                 headers = dict(record.headers or [])
                 for candidate in (ident, headers.get("crm.dlq.api.request_id", b"").decode()):
                     if candidate in wanted:

@@ -1,0 +1,262 @@
+"""Rebuild every projection from the beginning of the log, beside the live tables, then swap.
+
+The projections are a function of two logs kept forever: `crm.events` (folded again here with
+the same pure `pipeline.process` the worker runs, state in a scratch RocksDB) and
+`crm.events.deadletter` (the `dead_letters` table is its projection, and the ingestion API's dead
+letters are only there). The rows go through the projection writer's own row makers into
+`<table>__rebuild` tables created like the live ones, while the live tables keep serving:
+
+1. build: read both logs from offset 0 to the end offsets taken at the start;
+2. swap: `EXCHANGE TABLES t AND t__rebuild` for every table (each exchange is atomic), so the
+   rebuilt tables are live and the old ones are kept as `t__replaced` until the next rebuild;
+3. catch up: read on to the end offsets taken after the swap, into the (new) live tables. Whatever
+   the live writer wrote into the old tables before the swap came from records before those offsets,
+   so nothing is missing; rows it writes later are replaced by or replace identical rebuilt ones.
+
+`verify` compares two sets of tables (row counts and checksums over FINAL rows): after a rebuild of
+a log that did not move meanwhile, live and replaced must be identical."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from clickhouse_connect.driver.client import Client
+from kafka import KafkaConsumer, TopicPartition
+from kafka.partitioner.default import murmur2
+from rocksdict import Options, Rdict
+
+from projections.writer import COLUMNS, SINKS
+from streams import topics
+from streams.config import Settings
+from streams.pipeline import SeenEvent, SourceRecord, process
+from streams.records import topic_record
+from streams.rulebooks import Rulebooks
+
+REBUILD, REPLACED = "__rebuild", "__replaced"
+TABLES = list(COLUMNS)
+INSERT_EVERY = 50_000  # rows per table before an insert
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the writer's row makers read of a Kafka record."""
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+class _Rocks(MutableMapping[str, Any]):
+    """Scratch state on disk, values as orjson bytes like the worker's tables."""
+
+    def __init__(self, db: Rdict, decode: Callable[[Any], Any] = lambda v: v, encode: Callable[[Any], Any] = lambda v: v):
+        self.db, self.decode, self.encode = db, decode, encode
+
+    def __getitem__(self, key: str) -> Any:
+        raw = self.db.get(key.encode())
+        if raw is None:
+            raise KeyError(key)
+        return self.decode(orjson.loads(raw))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raw = self.db.get(key.encode())
+        return default if raw is None else self.decode(orjson.loads(raw))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.db[key.encode()] = orjson.dumps(self.encode(value))
+
+    def __delitem__(self, key: str) -> None:
+        del self.db[key.encode()]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key.decode() for key in self.db.keys())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.db.keys())
+
+
+class Rebuild:
+    def __init__(self, client: Client, settings: Settings, rules: Rulebooks,
+                 progress: Callable[[int, int], None] = lambda done, total: None):
+        self.client, self.settings, self.rules, self.progress = client, settings, rules, progress
+        self.db = settings.clickhouse_database
+        self.scratch = settings.state_dir / "replay" / "state"
+        self.positions: dict[TopicPartition, int] = {}
+        self.records_read = 0
+
+    # --- the three steps --------------------------------------------------------------------------
+
+    def run(self) -> dict[str, float]:
+        """Build, swap, catch up; returns figures for the report (records, seconds, rate)."""
+        started = time.monotonic()
+        self.prepare()
+        consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False,
+                                 max_poll_records=5000, fetch_max_bytes=64 * 1024 * 1024)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.scratch.mkdir(parents=True)
+        state = Rdict(str(self.scratch), Options(raw_mode=True))
+        try:
+            store = _Rocks(state)
+            seen = _Rocks(state, SeenEvent.from_list, SeenEvent.to_list)
+            built_until = self._end_offsets(consumer)
+            self._read(consumer, built_until, store, seen, suffix=REBUILD)
+            build_seconds = time.monotonic() - started
+            self.swap()
+            self._read(consumer, self._end_offsets(consumer), store, seen, suffix="")
+        finally:
+            consumer.close()
+            state.close()
+            Rdict.destroy(str(self.scratch))
+        return {"records": self.records_read, "build_seconds": build_seconds,
+                "records_per_second": self.records_read / max(build_seconds, 1e-9)}
+
+    def prepare(self) -> None:
+        for table in TABLES:
+            self.client.command(f"DROP TABLE IF EXISTS {self.db}.{table}{REBUILD}")
+            self.client.command(f"CREATE TABLE {self.db}.{table}{REBUILD} AS {self.db}.{table}")
+
+    def swap(self) -> None:
+        for table in TABLES:
+            self.client.command(f"EXCHANGE TABLES {self.db}.{table} AND {self.db}.{table}{REBUILD}")
+        for table in TABLES:
+            self.client.command(f"DROP TABLE IF EXISTS {self.db}.{table}{REPLACED}")
+            self.client.command(f"RENAME TABLE {self.db}.{table}{REBUILD} TO {self.db}.{table}{REPLACED}")
+
+    # --- reading the logs -------------------------------------------------------------------------
+
+    def _end_offsets(self, consumer: KafkaConsumer) -> dict[TopicPartition, int]:
+        partitions = [TopicPartition(spec.name, p) for spec in (topics.EVENTS, topics.DEAD_LETTERS)
+                      for p in range(spec.partitions)]
+        return consumer.end_offsets(partitions)
+
+    def _read(self, consumer: KafkaConsumer, until: dict[TopicPartition, int], store: MutableMapping[str, Any],
+              seen: MutableMapping[str, SeenEvent], suffix: str) -> None:
+        wanted = [tp for tp, end in until.items() if self.positions.get(tp, 0) < end]
+        total = sum(until.values())
+        if not wanted:
+            return
+        consumer.assign(wanted)
+        for tp in wanted:
+            consumer.seek(tp, self.positions.get(tp, 0))
+        rows: dict[str, list[list[Any]]] = defaultdict(list)
+        while any(self.positions.get(tp, 0) < until[tp] for tp in wanted):
+            for tp, records in consumer.poll(timeout_ms=1000).items():
+                for record in records:
+                    if record.offset >= until[tp]:
+                        consumer.pause(tp)
+                        break
+                    self._apply(record, store, seen, rows)
+                    self.positions[tp] = record.offset + 1
+                    self.records_read += 1
+            self._insert(rows, suffix, at_least=INSERT_EVERY)
+            self.progress(sum(self.positions.values()), total)
+        self._insert(rows, suffix, at_least=1)
+
+    def _apply(self, record: Any, store: MutableMapping[str, Any], seen: MutableMapping[str, SeenEvent],
+               rows: dict[str, list[list[Any]]]) -> None:
+        if record.topic == topics.DEAD_LETTERS.name:
+            self._rows(Record(record.topic, record.partition, record.offset, record.key, record.value or b"",
+                              list(record.headers or [])), rows)
+            return
+        source = SourceRecord(record.key, record.value or b"", record.partition, record.offset, record.timestamp,
+                              record.topic)
+        # Every output goes straight to a table, so everything before this record counts as delivered.
+        for output in process(source, store, seen, self.rules, committed_offset=record.offset):
+            sent = topic_record(output)
+            if sent is None or sent.topic not in SINKS or sent.topic == topics.DEAD_LETTERS.name:
+                continue  # dead letters come from their own log; forwards are in crm.events already
+            partition = (murmur2(sent.key) & 0x7FFFFFFF) % topics.EVENT_PARTITIONS if sent.key else 0
+            self._rows(Record(sent.topic, partition, -1, sent.key, sent.value, sent.headers), rows)
+
+    def _rows(self, record: Record, rows: dict[str, list[list[Any]]]) -> None:
+        for table, made in SINKS[record.topic]([record]).items():
+            rows[table].extend(made)
+
+    def _insert(self, rows: dict[str, list[list[Any]]], suffix: str, at_least: int) -> None:
+        for table, pending in rows.items():
+            if len(pending) >= at_least:
+                self.client.insert(f"{self.db}.{table}{suffix}", pending, column_names=COLUMNS[table])
+                pending.clear()
+
+
+@dataclass(frozen=True)
+class Comparison:
+    table: str
+    live_rows: int
+    other_rows: int
+    live_checksum: int
+    other_checksum: int
+
+    @property
+    def identical(self) -> bool:
+        return (self.live_rows, self.live_checksum) == (self.other_rows, self.other_checksum)
+
+
+def verify(client: Client, database: str, against: str = REPLACED) -> list[Comparison]:
+    """Row counts and checksums (over FINAL rows: the sum of a hash of every row, all columns) of each live table and its
+    `against` counterpart (`__replaced` after a swap, `__rebuild` before one)."""
+    out = []
+    for table in TABLES:
+        figures = []
+        for name in (table, f"{table}{against}"):
+            # A tuple hashes NULLs too (cityHash64 of the columns themselves is NULL when one is).
+            count, checksum = client.query(f"SELECT count(), sum(cityHash64(tuple(*))) FROM {database}.{name} FINAL").result_rows[0]
+            figures.append((int(count), int(checksum)))
+        out.append(Comparison(table, figures[0][0], figures[1][0], figures[0][1], figures[1][1]))
+    return out
+
+
+def scratch_dir(settings: Settings) -> Path:
+    return settings.state_dir / "replay"
+
+
+# --- running a rebuild where the database is -------------------------------------------------------
+#
+# With the embedded database, only the projection writer's process may open it, and it does while
+# the stack runs. `crm replay` then leaves a request file; the writer starts the rebuild in a thread
+# of its own process and reports progress in a status file that the command shows.
+
+def request_path(settings: Settings) -> Path:
+    return scratch_dir(settings) / "request"
+
+
+def status_path(settings: Settings) -> Path:
+    return scratch_dir(settings) / "status.json"
+
+
+def write_status(settings: Settings, **status: Any) -> None:
+    path = status_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(orjson.dumps({"updated": time.time(), **status}))
+    temporary.replace(path)
+
+
+def read_status(settings: Settings) -> dict[str, Any] | None:
+    try:
+        return orjson.loads(status_path(settings).read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
+
+
+def run_requested(client: Client, settings: Settings, rules: Rulebooks) -> None:
+    """The writer's side: run the requested rebuild, reporting progress in the status file."""
+    request_path(settings).unlink(missing_ok=True)
+    write_status(settings, state="running", done=0, total=0)
+    try:
+        figures = Rebuild(client, settings, rules,
+                          progress=lambda done, total: write_status(settings, state="running", done=done,
+                                                                    total=total)).run()
+    except Exception as exc:  # reported to the waiting command; the live tables were not touched before the swap
+        write_status(settings, state="failed", error=repr(exc))
+        raise
+    write_status(settings, state="done", **figures)

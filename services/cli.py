@@ -9,8 +9,10 @@
   crm api                       run the ingestion HTTP API in the foreground
   crm keys create|list|rotate|revoke   API keys for POS terminals, apps, back offices
   crm dlq list|show|resubmit    inspect dead letters and send them again after a fix
+  crm replay | crm verify       rebuild every projection from the log and swap it in; compare
   crm spool status|send|rejected   a POS terminal's offline spool (docs/pos-spool.md)
   crm schemas export            write the JSON Schema files for producers in other languages
+  crm schemas cluster           print the ClickHouse cluster DDL (replicated + distributed tables)
   crm test                      run the whole test suite
   crm bench                     the throughput benchmark behind BENCHMARKS.md
 """
@@ -87,6 +89,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for daemon in (processes.worker(config), processes.writer(config)):
         pid = daemon.pid()
         print(f"{daemon.name}: " + (f"running (pid {pid})" if pid else "not running"))
+    from services.sql_http import describe
+
+    print(describe(config))
     if _broker().status().running or not config.uses_local_kafka:
         from services.lag import LagProbe
 
@@ -123,11 +128,19 @@ def cmd_writer(args: argparse.Namespace) -> int:
     from projections.writer import ProjectionWriter
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    from services.sql_http import start_beside_writer
+
     writer = ProjectionWriter(settings())
+    # This process owns the embedded ClickHouse: it also answers analysts' SQL over HTTP (docs/sql-http.md).
+    sql_endpoint = start_beside_writer(settings())
     signal.signal(signal.SIGTERM, lambda *_: writer.stop())
     signal.signal(signal.SIGINT, lambda *_: writer.stop())
     logging.getLogger("crm.writer").info("projection writer started")
-    writer.run()
+    try:
+        writer.run()
+    finally:
+        if sql_endpoint is not None:
+            sql_endpoint.stop()
     return 0
 
 
@@ -279,13 +292,92 @@ def cmd_spool(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from projections import replay
+    from projections.clickhouse import EmbeddedDatabaseBusy, connect
+    from streams.rulebooks import load_rulebooks
+
+    config = settings()
+    columns = (TextColumn("[bold]Rebuilding projections"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("left"), TimeRemainingColumn())
+    try:
+        client = connect(config)
+    except EmbeddedDatabaseBusy:
+        client = None
+    with Progress(*columns) as progress:
+        task = progress.add_task("rebuild", total=None)
+        if client is not None:
+            figures = replay.Rebuild(client, config, load_rulebooks(config),
+                                     progress=lambda done, total: progress.update(task, completed=done, total=total)).run()
+        else:
+            # The running projection writer owns the embedded database: it does the rebuild.
+            replay.write_status(config, state="requested")
+            replay.request_path(config).parent.mkdir(parents=True, exist_ok=True)
+            replay.request_path(config).touch()
+            while True:
+                status = replay.read_status(config) or {}
+                if status.get("total"):
+                    progress.update(task, completed=status["done"], total=status["total"])
+                if status.get("state") in ("done", "failed"):
+                    break
+                time.sleep(1)
+            if status["state"] == "failed":
+                print(f"the rebuild failed: {status.get('error')}", file=sys.stderr)
+                return 1
+            figures = status
+    print(f"rebuilt from {figures['records']:,} records in {figures['build_seconds']:.0f} s "
+          f"({figures['records_per_second']:,.0f} records/s), swapped in; the previous tables are kept as "
+          f"<table>{replay.REPLACED} until the next rebuild. Compare them: crm verify")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from projections import replay
+    from projections.clickhouse import EmbeddedDatabaseBusy, connect
+    from services.output import print_result
+
+    config = settings()
+    try:
+        client = connect(config)
+    except EmbeddedDatabaseBusy as exc:
+        # The running writer owns the database; its SQL endpoint answers read-only queries.
+        password = args.password or os.environ.get("CRM_SQL_PASSWORD")
+        if not password:
+            print(f"{exc}\nOr compare through the writer's SQL endpoint: crm verify --user NAME --password ... "
+                  "(docs/sql-http.md)", file=sys.stderr)
+            return 2
+        import clickhouse_connect
+
+        client = clickhouse_connect.get_client(host=config.sql_host, port=config.sql_port, username=args.user,
+                                               password=password, database=config.clickhouse_database)
+    against = replay.REBUILD if args.against == "rebuild" else replay.REPLACED
+    comparisons = replay.verify(client, config.clickhouse_database, against)
+    print_result(["table", "live rows", f"{args.against} rows", "live checksum", f"{args.against} checksum", "same"],
+                 [[c.table, c.live_rows, c.other_rows, c.live_checksum, c.other_checksum,
+                   "yes" if c.identical else "NO"] for c in comparisons], args.format)
+    return 0 if all(c.identical for c in comparisons) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
     return run_demo(customers=args.customers, days=args.days, seed=args.seed)
 
 
+def cmd_schemas_cluster(args: argparse.Namespace) -> int:
+    from projections.cluster import cluster_statements, render
+
+    print(render(cluster_statements(settings().clickhouse_database, args.cluster)), end="")
+    return 0
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
+    if args.action == "cluster":
+        return cmd_schemas_cluster(args)
     from schemas.export import export
 
     written = export(Path(args.out) if args.out else None)
@@ -368,9 +460,19 @@ def parser() -> argparse.ArgumentParser:
     spool.add_argument("--format", choices=("table", "csv", "json"), default="table")
     spool.set_defaults(func=cmd_spool)
 
+    sub.add_parser("replay", help="rebuild every projection from the log beside the live tables, then swap "
+                                  "(docs/replay.md)").set_defaults(func=cmd_replay)
+    verify = sub.add_parser("verify", help="compare the live projections with the ones a rebuild replaced")
+    verify.add_argument("--against", choices=("replaced", "rebuild"), default="replaced")
+    verify.add_argument("--user", default="analyst", help="SQL endpoint user, when the running writer owns the database")
+    verify.add_argument("--password", help="its password (or env CRM_SQL_PASSWORD)")
+    verify.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    verify.set_defaults(func=cmd_verify)
+
     schemas = sub.add_parser("schemas", help="event catalog tools")
-    schemas.add_argument("action", choices=("export",))
+    schemas.add_argument("action", choices=("export", "cluster"))
     schemas.add_argument("--out", help="folder (default schemas/jsonschema)")
+    schemas.add_argument("--cluster", default="{cluster}", help="cluster name for `cluster` (default: the {cluster} macro)")
     schemas.set_defaults(func=cmd_schemas)
 
     test = sub.add_parser("test", help="run the whole test suite (arguments go to pytest)")

@@ -36,13 +36,14 @@ def wait_until_caught_up(stack, timeout: float = 900) -> None:
 
 def test_a_rebuild_from_the_log_equals_the_live_projections(stack):
     workload = Workload(customers=6200, days=45, seed=31, customer_prefix="replay", duplicate_rate=0.01)
-    sent = 0
+    sent, started = 0, time.monotonic()
     for message in Simulator(workload).messages(topics.EVENT_PARTITIONS):
         stack.send(message.key, message.value, partition=message.partition)
         sent += 1
     stack.flush()
     assert sent >= 100_000, sent
     wait_until_caught_up(stack)
+    live_seconds = time.monotonic() - started
     # Boundaries too, so that every table has rows to compare.
     rules = load_rulebooks(stack.settings)
     assert boundaries.publish(stack.client, stack.settings.clickhouse_database, rules.segments, stack.producer)
@@ -52,6 +53,11 @@ def test_a_rebuild_from_the_log_equals_the_live_projections(stack):
     figures = Rebuild(stack.client, stack.settings, rules,
                       progress=lambda done, total: progress.append((done, total))).run()
     assert figures["records"] >= sent
+    # For BENCHMARKS.md (shown with `pytest -s`): the live pipeline and the rebuild in one run.
+    print(f"\nlive: {sent} records sent, worker and writer caught up in {live_seconds:.0f} s "
+          f"({sent / live_seconds:.0f} records/s); rebuild: {figures['records']} records in "
+          f"{figures['build_seconds']:.0f} s ({figures['records_per_second']:.0f} records/s); "
+          f"ratio {figures['records_per_second'] / (sent / live_seconds):.2f}")
     assert progress and progress[-1][0] == progress[-1][1]
 
     comparisons = verify(stack.client, stack.settings.clickhouse_database)

@@ -1,0 +1,168 @@
+"""Curated views for analysts: plain views, computed at query time from the base tables.
+
+Plain views rather than materialized views: they hold no data, so they can never fall behind or
+double count, and they keep working when a rebuild swaps a base table for a new one
+(EXCHANGE TABLES): a view names its tables and reads whichever table has that name now.
+What each column means, and how to query them: docs/dictionary.md; examples: docs/cookbook.md.
+
+Conventions shared by the views:
+- Days are calendar days in UTC (`toDate(occurred_at)` of a DateTime64(3, 'UTC') column).
+- Rows kept under an alias that was later linked to a customer (`customer_profiles.merged_into`,
+  docs/identity.md) are left out: their events are also in `events` under the customer, so
+  counting both would count them twice. Unlinked aliases still count, as in the other docs.
+- Money is a Map(currency, amount), like the money columns of `customer_profiles`:
+  `revenue['EUR']`.
+- `GLOBAL NOT IN` on the alias filter: on one node it is a plain `NOT IN`; on a cluster
+  (projections/cluster.py) it keeps the subquery on the Distributed table legal.
+
+An "alert funnel" view is not here: there is no alerts table yet."""
+
+from __future__ import annotations
+
+_MERGED_ALIASES = "(SELECT customer_key FROM {db}.customer_profiles FINAL WHERE merged_into != '')"
+
+DAILY_STORE_CHANNEL = f"""
+CREATE VIEW IF NOT EXISTS {{db}}.daily_store_channel AS
+WITH
+    first_purchases AS (
+        SELECT customer_key, argMin((toDate(occurred_at), store_id, channel), (occurred_at, event_id)) AS first
+        FROM {{db}}.events FINAL
+        WHERE type = 'purchase_completed' AND customer_key GLOBAL NOT IN {_MERGED_ALIASES}
+        GROUP BY customer_key
+    )
+SELECT
+    figures.day AS day,
+    figures.store_id AS store_id,
+    figures.channel AS channel,
+    figures.active_customers AS active_customers,
+    figures.buyers AS buyers,
+    ifNull(firsts.new_customers, 0) AS new_customers,
+    figures.registrations AS registrations,
+    figures.orders AS orders,
+    figures.revenue AS revenue,
+    figures.refunds AS refunds,
+    mapApply((currency, total) -> (currency,
+                 CAST(round(toDecimal128(total, 4) / figures.orders_by_currency[currency], 2) AS Decimal(38, 2))),
+             figures.revenue) AS average_order_value
+FROM (
+    SELECT
+        toDate(occurred_at) AS day, store_id, channel,
+        uniqExact(customer_key) AS active_customers,
+        uniqExactIf(customer_key, type = 'purchase_completed') AS buyers,
+        countIf(type = 'customer_registered') AS registrations,
+        countIf(type = 'purchase_completed') AS orders,
+        sumMapIf(map(currency, amount), type = 'purchase_completed') AS revenue,
+        sumMapIf(map(currency, toUInt64(1)), type = 'purchase_completed') AS orders_by_currency,
+        sumMapIf(map(currency, amount), type = 'purchase_refunded') AS refunds
+    FROM {{db}}.events FINAL
+    WHERE customer_key GLOBAL NOT IN {_MERGED_ALIASES}
+    GROUP BY day, store_id, channel
+) AS figures
+LEFT JOIN (
+    SELECT first.1 AS day, first.2 AS store_id, first.3 AS channel, count() AS new_customers
+    FROM first_purchases
+    GROUP BY day, store_id, channel
+) AS firsts ON firsts.day = figures.day AND firsts.store_id = figures.store_id AND firsts.channel = figures.channel
+"""
+
+RETENTION_COHORTS = f"""
+CREATE VIEW IF NOT EXISTS {{db}}.retention_cohorts AS
+WITH
+    purchases AS (
+        SELECT customer_key, toStartOfMonth(occurred_at) AS month, currency, amount
+        FROM {{db}}.events FINAL
+        WHERE type = 'purchase_completed' AND customer_key GLOBAL NOT IN {_MERGED_ALIASES}
+    ),
+    cohorts AS (
+        SELECT customer_key, min(month) AS cohort_month FROM purchases GROUP BY customer_key
+    )
+SELECT
+    cohorts.cohort_month AS cohort_month,
+    toUInt32(dateDiff('month', cohorts.cohort_month, purchases.month)) AS months_since_first_purchase,
+    any(sizes.cohort_customers) AS cohort_customers,
+    uniqExact(purchases.customer_key) AS active_customers,
+    round(active_customers / cohort_customers, 4) AS retention_rate,
+    count() AS orders,
+    sumMap(map(purchases.currency, purchases.amount)) AS revenue
+FROM purchases
+INNER JOIN cohorts ON cohorts.customer_key = purchases.customer_key
+INNER JOIN (SELECT cohort_month, count() AS cohort_customers FROM cohorts GROUP BY cohort_month) AS sizes
+    ON sizes.cohort_month = cohorts.cohort_month
+GROUP BY cohort_month, months_since_first_purchase
+"""
+
+POINTS_LIABILITY_DAILY = """
+CREATE VIEW IF NOT EXISTS {db}.points_liability_daily AS
+SELECT
+    day,
+    sum(available_change) OVER (ORDER BY day) AS available_points,
+    sum(pending_change) OVER (ORDER BY day) AS pending_points,
+    sum(debt_change) OVER (ORDER BY day) AS debt_points,
+    available_points + pending_points AS outstanding_points,
+    issued, made_available, redeemed, expired, reversed, adjusted
+FROM (
+    SELECT
+        toDate(occurred_at) AS day,
+        sum(available_delta) AS available_change,
+        sum(pending_delta) AS pending_change,
+        sum(debt_delta) AS debt_change,
+        sumIf(pending_delta, kind = 'earned_pending')
+          + sumIf(available_delta, kind IN ('registration', 'daily_sign_in', 'share', 'review', 'birthday_month'))
+          AS issued,
+        sumIf(available_delta, kind = 'made_available') AS made_available,
+        -sumIf(available_delta, kind = 'redeemed') AS redeemed,
+        -sumIf(available_delta, kind = 'expired') AS expired,
+        -sumIf(available_delta + pending_delta - debt_delta, kind IN ('cancelled', 'clawed_back')) AS reversed,
+        sumIf(available_delta, kind = 'adjusted') AS adjusted
+    FROM {db}.points_ledger FINAL
+    GROUP BY day
+    ORDER BY day WITH FILL STEP 1
+)
+"""
+
+SEGMENT_SIZES_DAILY = f"""
+CREATE VIEW IF NOT EXISTS {{db}}.segment_sizes_daily AS
+WITH
+    changes AS (
+        SELECT toDate(occurred_at) AS day, dimension, from_segment, to_segment
+        FROM {{db}}.segment_changes FINAL
+        WHERE customer_key GLOBAL NOT IN {_MERGED_ALIASES}
+    ),
+    moves AS (
+        SELECT day, dimension, segment, countIf(change = 1) AS entered, countIf(change = -1) AS exited
+        FROM (
+            SELECT day, dimension, to_segment AS segment, 1 AS change FROM changes WHERE to_segment != ''
+            UNION ALL
+            SELECT day, dimension, from_segment AS segment, -1 AS change FROM changes WHERE from_segment != ''
+        )
+        GROUP BY day, dimension, segment
+    ),
+    calendar AS (
+        SELECT arrayJoin(arrayMap(n -> first_day + n, range(toUInt32(last_day - first_day) + 1))) AS day
+        FROM (SELECT min(day) AS first_day, max(day) AS last_day FROM changes)
+    ),
+    grid AS (
+        SELECT calendar.day AS day, segments.dimension AS dimension, segments.segment AS segment
+        FROM calendar CROSS JOIN (SELECT DISTINCT dimension, segment FROM moves) AS segments
+    )
+SELECT
+    grid.day AS day,
+    grid.dimension AS dimension,
+    grid.segment AS segment,
+    sum(toInt64(ifNull(moves.entered, 0)) - toInt64(ifNull(moves.exited, 0)))
+        OVER (PARTITION BY grid.dimension, grid.segment ORDER BY grid.day) AS customers,
+    ifNull(moves.entered, 0) AS entered,
+    ifNull(moves.exited, 0) AS exited
+FROM grid
+LEFT JOIN moves ON moves.day = grid.day AND moves.dimension = grid.dimension AND moves.segment = grid.segment
+"""
+
+# Versions from 100 on: the table modules own the low numbers.
+MIGRATIONS = [
+    (100, DAILY_STORE_CHANNEL),
+    (101, RETENTION_COHORTS),
+    (102, POINTS_LIABILITY_DAILY),
+    (103, SEGMENT_SIZES_DAILY),
+]
+
+VIEWS = ["daily_store_channel", "retention_cohorts", "points_liability_daily", "segment_sizes_daily"]

@@ -847,7 +847,6 @@ def test_resends_concurrent_and_changed_duplicates(stack, api, spec, keys):
     the same ids with other content are conflicts."""
     ledger = Ledger()
     batch = next(op for op in spec.operations.values() if op.batch)
-    secret = keys["backoffice"][1]
     clients = [httpx.Client(base_url=api.url, timeout=120) for _ in range(4)]
 
     def post(client: httpx.Client, body: bytes, request_id: str, event_ids: set[str]) -> dict:

@@ -6,11 +6,14 @@ from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from zoneinfo import available_timezones
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Personal data is marked in the JSON Schema (`x-personal: true`) so that encryption and erasure
 # can find every such field from the models alone instead of from a hand-kept list.
 PERSONAL = {"x-personal": True}
+_ZONES = frozenset(available_timezones()) | {"UTC"}
 
 
 def Personal(**kwargs: Any) -> Any:  # noqa: N802 - reads as a field type marker at the use site
@@ -37,7 +40,15 @@ class Source(Model):
     terminal_id: str | None = None
     device_id: str | None = None
     # IANA zone of the store or app; rules such as "once per calendar day" use it.
-    timezone: str | None = None
+    timezone: str | None = Field(default=None, max_length=64)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, zone: str | None) -> str | None:
+        # Checked here, so that no fold meets a zone it cannot load (it would stop the worker).
+        if zone is not None and zone not in _ZONES:
+            raise ValueError(f"unknown IANA timezone {zone[:64]!r}")
+        return zone
 
 
 class AliasType(StrEnum):

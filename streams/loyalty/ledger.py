@@ -668,8 +668,8 @@ def _zone(event: Envelope, rules: RulesVersion) -> ZoneInfo:
     if event.source.timezone:
         try:
             return ZoneInfo(event.source.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            pass
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            pass  # the catalog refuses unknown zones; states written before that fall back here
     return rules.zone
 
 

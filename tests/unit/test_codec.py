@@ -97,3 +97,12 @@ def test_daily_sign_in_may_omit_its_empty_payload():
 def test_event_id_must_be_a_uuid():
     assert decode_event(encoded(event(event_id="abc"))).reason == "schema_invalid"
     assert not isinstance(decode_event(encoded(event(event_id=str(uuid.uuid4())))), DecodeError)
+
+
+def test_an_unknown_timezone_is_refused_before_any_fold_meets_it():
+    """A zone the folds cannot load would stop the worker on every redelivery (a poison pill)."""
+    for zone in ("Mars/Olympus_Mons", "y" * 300, "../../etc/passwd"):
+        body = event("daily_sign_in")
+        body["source"]["timezone"] = zone
+        decoded = decode_event(orjson.dumps(body))
+        assert isinstance(decoded, DecodeError) and decoded.reason == "schema_invalid", zone

@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from rocksdict import Options, Rdict
 
 from projections.writer import COLUMNS, SINKS
 from streams import topics
+from streams.codec_table import CodecTable
 from streams.config import Settings
 from streams.pipeline import SeenEvent, SourceRecord, process
 from streams.records import topic_record
@@ -53,35 +54,6 @@ class Record:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
-
-
-class _Rocks(MutableMapping[str, Any]):
-    """Scratch state on disk, values as orjson bytes like the worker's tables."""
-
-    def __init__(self, db: Rdict, decode: Callable[[Any], Any] = lambda v: v, encode: Callable[[Any], Any] = lambda v: v):
-        self.db, self.decode, self.encode = db, decode, encode
-
-    def __getitem__(self, key: str) -> Any:
-        raw = self.db.get(key.encode())
-        if raw is None:
-            raise KeyError(key)
-        return self.decode(orjson.loads(raw))
-
-    def get(self, key: str, default: Any = None) -> Any:
-        raw = self.db.get(key.encode())
-        return default if raw is None else self.decode(orjson.loads(raw))
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.db[key.encode()] = orjson.dumps(self.encode(value))
-
-    def __delitem__(self, key: str) -> None:
-        del self.db[key.encode()]
-
-    def __iter__(self) -> Iterator[str]:
-        return (key.decode() for key in self.db.keys())
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self.db.keys())
 
 
 class Rebuild:
@@ -105,8 +77,8 @@ class Rebuild:
         self.scratch.mkdir(parents=True)
         state = Rdict(str(self.scratch), Options(raw_mode=True))
         try:
-            store = _Rocks(state)
-            seen = _Rocks(state, SeenEvent.from_list, SeenEvent.to_list)
+            store: CodecTable[Any] = CodecTable(state)
+            seen = CodecTable(state, SeenEvent.from_list, SeenEvent.to_list)
             built_until = self._end_offsets(consumer)
             self._read(consumer, built_until, store, seen, suffix=REBUILD)
             build_seconds = time.monotonic() - started

@@ -9,8 +9,12 @@ partition with something due by then."""
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import Literal
 from uuid import UUID
+
+import orjson
 
 from pydantic import AwareDatetime, Field
 
@@ -24,3 +28,8 @@ class ClockTick(Model):
     type: Literal["clock_ticked"] = CLOCK_TICK_TYPE
     occurred_at: AwareDatetime
     partition: int = Field(ge=0, description="the events-topic partition this tick was written to")
+
+
+def clock_tick(partition: int, now: datetime) -> bytes:
+    """The record value of a tick for `partition` at `now`."""
+    return orjson.dumps(ClockTick(event_id=uuid.uuid4(), occurred_at=now, partition=partition).model_dump(mode="json"))

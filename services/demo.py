@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import orjson
 from kafka import KafkaProducer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from deploy.kafka.broker import LocalBroker
 from deploy.topics import ensure_topics
 from projections.writer import ProjectionWriter
-from schemas.clock import ClockTick
+from schemas.clock import clock_tick
 from services import processes
 from services.lag import LagProbe
 from services.output import print_result
@@ -177,9 +175,7 @@ def _segment_the_population(console: Console, config, writer: ProjectionWriter) 
     producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all")
     now = datetime.now(UTC)
     for partition in range(topics.EVENT_PARTITIONS):
-        tick = ClockTick(event_id=uuid.uuid4(), occurred_at=now, partition=partition)
-        producer.send(topics.EVENTS.name, key=b"clock", value=orjson.dumps(tick.model_dump(mode="json")),
-                      partition=partition)
+        producer.send(topics.EVENTS.name, key=b"clock", value=clock_tick(partition, now), partition=partition)
     producer.flush()
     producer.close()
     time.sleep(1)  # let the lag probe see the ticks

@@ -9,51 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-import uuid
 from datetime import UTC, datetime
 
 import faust
-import orjson
 
-from schemas.clock import ClockTick
+from schemas.clock import clock_tick
 from streams import kafka_fixes, topics
 from streams.config import settings
 from streams.rulebooks import load_rulebooks
+from streams.codec_table import CodecTable
 from streams.pipeline import DeadLetter, LedgerEntry, Output, SeenEvent, SegmentChanged, SourceRecord, process
 from streams.records import topic_record
 
 log = logging.getLogger("crm.worker")
-T = TypeVar("T")
-
-
-class CodecTable(MutableMapping[str, T], Generic[T]):
-    """A Faust table seen as a mapping of str -> domain object, stored as orjson bytes."""
-
-    def __init__(self, table: Any, decode: Callable[[Any], T], encode: Callable[[T], Any]):
-        self._table, self._decode, self._encode = table, decode, encode
-
-    def __getitem__(self, key: str) -> T:
-        raw = self._table[key.encode()]
-        return self._decode(orjson.loads(raw))
-
-    def get(self, key: str, default: Any = None) -> Any:
-        raw = self._table.get(key.encode())
-        return default if raw is None else self._decode(orjson.loads(raw))
-
-    def __setitem__(self, key: str, value: T) -> None:
-        self._table[key.encode()] = orjson.dumps(self._encode(value))
-
-    def __delitem__(self, key: str) -> None:
-        del self._table[key.encode()]
-
-    def __iter__(self) -> Iterator[str]:
-        return (key.decode() for key in self._table)
-
-    def __len__(self) -> int:
-        return len(self._table)
 
 
 def _count_name(output: Output) -> str:
@@ -117,11 +87,6 @@ class Continuity:
         return True
 
 
-def clock_tick(partition: int, now: datetime) -> bytes:
-    tick = ClockTick(event_id=uuid.uuid4(), occurred_at=now, partition=partition)
-    return orjson.dumps(tick.model_dump(mode="json"))
-
-
 class Worker(faust.Worker):
     """Faust's worker without its terminal spinner. To spin on every log record, the spinner sets the
     root logger to DEBUG, so every library call of `log.debug` built a record, whatever --loglevel
@@ -175,7 +140,7 @@ def create_app() -> faust.App:
                                key_type=bytes, value_type=bytes)
     seen_state = app.Table(topics.SEEN_EVENTS_TABLE, partitions=topics.EVENT_PARTITIONS,
                            key_type=bytes, value_type=bytes)
-    store = CodecTable(customer_state, lambda data: data, lambda data: data)
+    store: CodecTable[Any] = CodecTable(customer_state)
     seen_events = CodecTable(seen_state, SeenEvent.from_list, SeenEvent.to_list)
     counts: Counter[str] = Counter()
     continuity = Continuity(app)

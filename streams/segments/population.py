@@ -19,6 +19,7 @@ from typing import Any
 from schemas.boundaries import SegmentBoundaries
 
 # Small chunks: adding a customer rewrites the last chunk, and every write goes to the changelog.
+_PARSED: dict[str, SegmentBoundaries] = {}
 CHUNK = 100
 SWEEP_CHUNKS = 50
 
@@ -41,7 +42,12 @@ class PartitionSegments:
     @property
     def boundaries(self) -> SegmentBoundaries | None:
         if self._boundaries is not None and self._parsed is None:
-            self._parsed = SegmentBoundaries.model_validate(self._boundaries)
+            # Read on every event: validate each set of boundaries once per process (an id names
+            # one content: it carries a hash of it).
+            boundaries_id = self._boundaries["boundaries_id"]
+            if boundaries_id not in _PARSED:
+                _PARSED[boundaries_id] = SegmentBoundaries.model_validate(self._boundaries)
+            self._parsed = _PARSED[boundaries_id]
         return self._parsed
 
     @property

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 from clickhouse_connect.driver.client import Client
 
-from projections import dead_letters_table, events_table, points_table, profiles_table, segments_table, views
+from projections import (
+    alerts_table,
+    dead_letters_table,
+    events_table,
+    points_table,
+    profiles_table,
+    segments_table,
+    views,
+)
 
 MIGRATIONS: list[tuple[int, str]] = sorted(
     events_table.MIGRATIONS + profiles_table.MIGRATIONS + dead_letters_table.MIGRATIONS + points_table.MIGRATIONS
-    + segments_table.MIGRATIONS + views.MIGRATIONS
+    + segments_table.MIGRATIONS + alerts_table.MIGRATIONS + views.MIGRATIONS
 )
 assert len({version for version, _ in MIGRATIONS}) == len(MIGRATIONS), "migration versions must be unique"
 

@@ -82,6 +82,13 @@ ALTER TABLE {db}.customer_profiles
 ALTER TABLE {db}.customer_profiles
     ADD COLUMN IF NOT EXISTS merged_into String DEFAULT '' COMMENT 'for a profile kept under an alias: the customer it was linked to (docs/identity.md)'
 """),
+    (17, """
+ALTER TABLE {db}.customer_profiles
+    ADD COLUMN IF NOT EXISTS churn_p_alive Nullable(Float64) COMMENT 'BG/NBD probability the customer is still active, as of as_of; NULL without a model',
+    ADD COLUMN IF NOT EXISTS churn_expected_90d Nullable(Float64) COMMENT 'BG/NBD expected purchases in the 90 days after as_of',
+    ADD COLUMN IF NOT EXISTS churn_model_id String DEFAULT '' COMMENT 'the churn_models row the score comes from; empty when none',
+    ADD COLUMN IF NOT EXISTS open_alerts Array(LowCardinality(String)) COMMENT 'alert types with an open alert (churn_alerts)'
+"""),
 ]
 
 
@@ -119,6 +126,11 @@ _READERS: dict[str, Callable[[dict[str, Any]], Any]] = {
         "rfm_segment", "tags", "boundaries_id", "merged_into")},
     "lifecycle_since": lambda r: _time(r["lifecycle_since_ms"]),
     "source_offset": _same("last_offset"),
+    # Churn scoring and alerts (migration 17): snapshots written before them load with the defaults.
+    "churn_p_alive": lambda r: r.get("churn_p_alive"),
+    "churn_expected_90d": lambda r: r.get("churn_expected_90d"),
+    "churn_model_id": lambda r: r.get("churn_model_id") or "",
+    "open_alerts": lambda r: list(r.get("open_alerts") or []),
 }
 COLUMNS = [*_READERS, "source_partition"]
 

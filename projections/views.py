@@ -14,8 +14,9 @@ Conventions shared by the views:
   `revenue['EUR']`.
 - `GLOBAL NOT IN` on the alias filter: on one node it is a plain `NOT IN`; on a cluster
   (projections/cluster.py) it keeps the subquery on the Distributed table legal.
-
-An "alert funnel" view is not here: there is no alerts table yet."""
+- Alerts (`alert_funnel`) are counted per alert, from its latest change (the highest `version`),
+  and by the day it was opened: a re-sent change is collapsed by FINAL, a later change moves the
+  alert along the funnel without moving it to another day."""
 
 from __future__ import annotations
 
@@ -157,12 +158,45 @@ FROM grid
 LEFT JOIN moves ON moves.day = grid.day AND moves.dimension = grid.dimension AND moves.segment = grid.segment
 """
 
+ALERT_FUNNEL = """
+CREATE VIEW IF NOT EXISTS {db}.alert_funnel AS
+SELECT
+    toDate(alerts.opened) AS day,
+    alerts.type AS alert_type,
+    alerts.opening_severity AS severity,
+    count() AS opened,
+    countIf(alerts.latest_status IN ('opened', 'updated')) AS still_open,
+    countIf(alerts.was_updated) AS updated,
+    countIf(alerts.latest_status = 'resolved') AS resolved,
+    countIf(alerts.latest_status = 'expired') AS expired,
+    countIf(alerts.latest_status = 'resolved' AND alerts.latest_cause_event_type = 'purchase_completed'
+            AND alerts.last_change <= alerts.opened + INTERVAL 30 DAY) AS won_back_30d,
+    round(won_back_30d / opened, 4) AS win_back_rate,
+    if(resolved = 0, NULL, round(medianIf(dateDiff('millisecond', alerts.opened, alerts.last_change) / 3600000,
+                                          alerts.latest_status = 'resolved'), 2)) AS median_hours_to_resolution
+FROM (
+    SELECT
+        alert_id,
+        any(alert_type) AS type,
+        min(opened_at) AS opened,
+        argMin(severity, version) AS opening_severity,
+        argMax(status, version) AS latest_status,
+        argMax(cause_event_type, version) AS latest_cause_event_type,
+        argMax(occurred_at, version) AS last_change,
+        max(status = 'updated') AS was_updated
+    FROM {db}.churn_alerts FINAL
+    GROUP BY alert_id
+) AS alerts
+GROUP BY day, alert_type, severity
+"""
+
 # Versions from 100 on: the table modules own the low numbers.
 MIGRATIONS = [
     (100, DAILY_STORE_CHANNEL),
     (101, RETENTION_COHORTS),
     (102, POINTS_LIABILITY_DAILY),
     (103, SEGMENT_SIZES_DAILY),
+    (104, ALERT_FUNNEL),
 ]
 
-VIEWS = ["daily_store_channel", "retention_cohorts", "points_liability_daily", "segment_sizes_daily"]
+VIEWS = ["daily_store_channel", "retention_cohorts", "points_liability_daily", "segment_sizes_daily", "alert_funnel"]

@@ -15,7 +15,16 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from kafka import KafkaConsumer, KafkaProducer
 
-from projections import boundaries, dead_letters_table, events_table, points_table, profiles_table, segments_table
+from projections import (
+    alerts_table,
+    boundaries,
+    churn_model,
+    dead_letters_table,
+    events_table,
+    points_table,
+    profiles_table,
+    segments_table,
+)
 from projections.clickhouse import connect
 from projections.migrations import migrate
 from streams import topics
@@ -41,6 +50,8 @@ SINKS: dict[str, RowMaker] = {
     topics.POINTS_LEDGER.name: points_table.ledger_rows,
     topics.POINTS_BALANCES.name: points_table.balance_rows,
     topics.SEGMENT_CHANGES.name: segments_table.rows,
+    topics.ALERTS.name: alerts_table.rows,
+    topics.CHURN_MODELS.name: alerts_table.model_rows,
 }
 COLUMNS: dict[str, list[str]] = {
     "events": events_table.COLUMNS,
@@ -51,7 +62,46 @@ COLUMNS: dict[str, list[str]] = {
     "points_balances": points_table.BALANCE_COLUMNS,
     "segment_changes": segments_table.COLUMNS,
     "segment_boundaries": segments_table.BOUNDARIES_COLUMNS,
+    "churn_alerts": alerts_table.COLUMNS,
+    "churn_models": alerts_table.MODEL_COLUMNS,
 }
+
+
+class Publication:
+    """Figures over the whole population that only this process sees whole, appended to the events
+    log every `interval` seconds (0: only when asked) so that the worker folds them like any record:
+    segment boundaries (projections/boundaries.py), the churn model (projections/churn_model.py).
+    `publish(producer, last_id)` returns the new id, or None when nothing new was published."""
+
+    def __init__(self, name: str, interval: float, publish: Callable[[KafkaProducer, str | None], str | None]):
+        self.name, self.interval, self._publish = name, interval, publish
+        self.last_id: str | None = None
+        self._due = time.monotonic() + interval
+        self._wanted = threading.Event()
+        self._done = threading.Event()
+
+    def due(self) -> bool:
+        return self._wanted.is_set() or (self.interval > 0 and time.monotonic() >= self._due)
+
+    def run(self, producer: KafkaProducer) -> None:
+        self._due = time.monotonic() + self.interval
+        try:
+            self.last_id = self._publish(producer, self.last_id) or self.last_id
+        except Exception:
+            # The projections matter more than fresh figures: try again at the next interval.
+            log.exception("could not publish %s", self.name)
+        finally:
+            self._wanted.clear()
+            self._done.set()
+
+    def request(self, timeout: float = 120.0) -> str | None:
+        """Ask the running writer to publish now (from another thread: the writer's thread owns the
+        ClickHouse client); returns the id in force afterwards."""
+        self._done.clear()
+        self._wanted.set()
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the projection writer did not publish {self.name} in time")
+        return self.last_id
 
 
 class ProjectionWriter:
@@ -65,12 +115,14 @@ class ProjectionWriter:
         self.rows_written: dict[str, int] = defaultdict(int)
         self._stop = threading.Event()
         migrate(self.client, self.database)
-        self.segment_rules = load_segment_rules(settings.segment_rules)
-        self.boundaries_id: str | None = None
-        self._boundaries_due = time.monotonic() + settings.boundaries_seconds
-        self._boundaries_wanted = threading.Event()
+        segment_rules = load_segment_rules(settings.segment_rules)
+        self.boundaries = Publication(
+            "segment boundaries", settings.boundaries_seconds,
+            lambda producer, last: boundaries.publish(self.client, self.database, segment_rules, producer, last))
+        self.churn_model = Publication(
+            "the churn model", settings.churn_model_seconds,
+            lambda producer, last: churn_model.publish(self.client, self.database, producer, last))
         self._rebuild: threading.Thread | None = None
-        self._boundaries_done = threading.Event()
 
     def _consumer(self) -> KafkaConsumer:
         return KafkaConsumer(
@@ -106,11 +158,11 @@ class ProjectionWriter:
                     self.write(batch)
                     consumer.commit()
                 self._start_requested_rebuild()
-                interval = self.settings.boundaries_seconds
-                if self._boundaries_wanted.is_set() or (interval > 0 and time.monotonic() >= self._boundaries_due):
-                    producer = producer or KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
-                                                         enable_idempotence=True)
-                    self.publish_boundaries(producer)
+                for publication in (self.boundaries, self.churn_model):
+                    if publication.due():
+                        producer = producer or KafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                                             acks="all", enable_idempotence=True)
+                        publication.run(producer)
         finally:
             consumer.close(autocommit=False)
             if producer is not None:
@@ -130,29 +182,6 @@ class ProjectionWriter:
             target=replay.run_requested, name="projection-rebuild",
             args=(connect(self.settings), self.settings, load_rulebooks(self.settings)), daemon=True)
         self._rebuild.start()
-
-    def publish_boundaries(self, producer: KafkaProducer) -> None:
-        """Value tiers and RFM scores compare each customer with the population, which only this
-        process sees whole: recompute the boundaries and append them to the events log."""
-        self._boundaries_due = time.monotonic() + self.settings.boundaries_seconds
-        try:
-            published = boundaries.publish(self.client, self.database, self.segment_rules, producer, self.boundaries_id)
-            self.boundaries_id = published or self.boundaries_id
-        except Exception:
-            # The projections matter more than fresh boundaries: try again at the next interval.
-            log.exception("could not publish segment boundaries")
-        finally:
-            self._boundaries_wanted.clear()
-            self._boundaries_done.set()
-
-    def request_boundaries(self, timeout: float = 120.0) -> str | None:
-        """Ask the running writer to publish boundaries now (from another thread: the writer's thread
-        owns the ClickHouse client); returns the id in force afterwards."""
-        self._boundaries_done.clear()
-        self._boundaries_wanted.set()
-        if not self._boundaries_done.wait(timeout):
-            raise TimeoutError("the projection writer did not publish boundaries in time")
-        return self.boundaries_id
 
     def write(self, batch: dict[Any, list[Any]]) -> None:
         by_topic: dict[str, list[Any]] = defaultdict(list)

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from schemas.alerts import CHURN_MODEL_TYPE, ChurnModelPublished
 from schemas.boundaries import SEGMENT_BOUNDARIES_TYPE, SegmentBoundaries
 from schemas.clock import CLOCK_TICK_TYPE, ClockTick
 from schemas.identity import ALIAS_EVENT_ATTRIBUTED_TYPE, ALIAS_LINKED_TYPE, AliasEventAttributed, AliasLinked
@@ -29,10 +30,10 @@ class DecodeError:
 
 
 # Records that the platform itself appends to the events topic; they name no customer.
-SystemRecord = ClockTick | SegmentBoundaries | AliasLinked | AliasEventAttributed
+SystemRecord = ClockTick | SegmentBoundaries | ChurnModelPublished | AliasLinked | AliasEventAttributed
 SYSTEM_RECORDS: dict[str, type[SystemRecord]] = {
     CLOCK_TICK_TYPE: ClockTick, SEGMENT_BOUNDARIES_TYPE: SegmentBoundaries, ALIAS_LINKED_TYPE: AliasLinked,
-    ALIAS_EVENT_ATTRIBUTED_TYPE: AliasEventAttributed,
+    ALIAS_EVENT_ATTRIBUTED_TYPE: AliasEventAttributed, CHURN_MODEL_TYPE: ChurnModelPublished,
 }
 
 

@@ -1,6 +1,6 @@
 """`crm`: the one command line of the platform.
 
-  crm start | stop | status     the local stack: Kafka broker, topics, worker, projection writer
+  crm start | stop | status     the local stack: Kafka broker, topics, worker, projection writer, alerts
   crm kafka start|stop|status   only the broker
   crm worker | crm writer       run one process in the foreground
   crm produce                   send simulated POS and app traffic to the events topic
@@ -8,6 +8,8 @@
   crm sql "SELECT ..."          query the projections
   crm api                       run the ingestion HTTP API in the foreground
   crm keys create|list|rotate|revoke   API keys for POS terminals, apps, back offices
+  crm alerts                    run the alert service (webhooks, live stream) in the foreground
+  crm webhooks add|list|remove|dead|redeliver   webhook subscriptions for churn alerts (docs/webhooks.md)
   crm dlq list|show|resubmit    inspect dead letters and send them again after a fix
   crm replay | crm verify       rebuild every projection from the log and swap it in; compare
   crm spool status|send|rejected   a POS terminal's offline spool (docs/pos-spool.md)
@@ -62,7 +64,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     cmd_kafka(argparse.Namespace(action="start"))
     config = settings()
-    for daemon in (processes.worker(config), processes.writer(config)):
+    for daemon in (processes.worker(config), processes.writer(config), processes.alerts(config)):
         pid = daemon.start()
         print(f"{daemon.name} running (pid {pid}), log: {daemon.log_file}")
     return 0
@@ -72,7 +74,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from services import processes
 
     config = settings()
-    for daemon in (processes.worker(config), processes.writer(config)):
+    for daemon in (processes.alerts(config), processes.worker(config), processes.writer(config)):
         daemon.stop()
         print(f"{daemon.name} stopped.")
     if config.uses_local_kafka:
@@ -86,7 +88,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = settings()
     if config.uses_local_kafka:
         cmd_kafka(argparse.Namespace(action="status"))
-    for daemon in (processes.worker(config), processes.writer(config)):
+    for daemon in (processes.worker(config), processes.writer(config), processes.alerts(config)):
         pid = daemon.pid()
         print(f"{daemon.name}: " + (f"running (pid {pid})" if pid else "not running"))
     from services.sql_http import describe
@@ -190,6 +192,65 @@ def cmd_api(args: argparse.Namespace) -> int:
     configure_json_logs()
     uvicorn.run(create_app(config), host=args.host or config.api_host, port=args.port or config.api_port,
                 log_config=None, access_log=False)
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from services.alerts.service import AlertsBusy, run_forever
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    try:
+        run_forever(settings(), args.host, args.port)
+    except (AlertsBusy, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from services.alerts.filters import Filters
+    from services.alerts.store import AlertStore, NotFound
+    from services.output import print_result
+
+    if args.action != "list" and not args.target:
+        print("error: give the URL (add) or the webhook id (see `crm webhooks list`)", file=sys.stderr)
+        return 2
+    # The same SQLite file the running service uses: it picks changes up within a second.
+    store = AlertStore(settings().alerts_db)
+    try:
+        if args.action == "add":
+            if not args.target.startswith(("http://", "https://")):
+                print("error: the URL must start with http:// or https://", file=sys.stderr)
+                return 2
+            subscription = store.create_subscription(
+                args.target, Filters.build(args.type, args.min_severity, args.store, args.segment))
+            print(f"webhook {subscription.id} -> {subscription.url}\nsecret: {subscription.secret}\n"
+                  "The secret is shown once: receivers verify X-CRM-Signature with it (docs/webhooks.md).")
+        elif args.action == "list":
+            rows = []
+            for s in store.subscriptions():
+                counts = store.delivery_counts(s.id)
+                f = s.filters
+                rows.append([s.id, s.url, ",".join(sorted(f.types)) or "any", f.min_severity or "any",
+                             ",".join(sorted(f.stores)) or "any", ",".join(sorted(f.segments)) or "any",
+                             counts["pending"], counts["delivered"], counts["dead"]])
+            print_result(["id", "url", "types", "min severity", "stores", "segments", "pending", "delivered", "dead"],
+                         rows, args.format)
+        elif args.action == "remove":
+            store.remove_subscription(args.target)
+            print(f"webhook {args.target} removed; nothing more is sent to it")
+        elif args.action == "dead":
+            print_result(["seq", "change_id", "customer", "attempts", "status", "last error"],
+                         [[d.seq, d.change_id, d.customer_key, d.attempts, d.response_status or "",
+                           (d.last_error or "")[:80]] for d in store.dead(args.target)], args.format)
+        else:
+            count = store.redeliver(args.target, args.seq)
+            print(f"{count} dead deliver{'y' if count == 1 else 'ies'} of {args.target} will be sent again")
+    except (NotFound, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
     return 0
 
 
@@ -429,6 +490,24 @@ def parser() -> argparse.ArgumentParser:
     api.add_argument("--host", help="default 127.0.0.1 (CRM_API_HOST)")
     api.add_argument("--port", type=int, help="default 8080 (CRM_API_PORT)")
     api.set_defaults(func=cmd_api)
+
+    alerts = sub.add_parser("alerts", help="run the alert service (webhooks, live stream) in the foreground "
+                                           "(docs/webhooks.md)")
+    alerts.add_argument("--host", help="default 127.0.0.1 (CRM_ALERTS_HOST)")
+    alerts.add_argument("--port", type=int, help="default 8090 (CRM_ALERTS_PORT)")
+    alerts.set_defaults(func=cmd_alerts)
+
+    hooks = sub.add_parser("webhooks", help="webhook subscriptions for churn alerts: add, list, remove, dead, redeliver")
+    hooks.add_argument("action", choices=("add", "list", "remove", "dead", "redeliver"))
+    hooks.add_argument("target", nargs="?", help="add: the URL; remove, dead, redeliver: the webhook id")
+    hooks.add_argument("--type", action="append", default=[], help="add: only this alert type (repeatable)")
+    hooks.add_argument("--min-severity", help="add: only this severity or higher (low, medium, high, critical)")
+    hooks.add_argument("--store", action="append", default=[], help="add: only customers of this store (repeatable)")
+    hooks.add_argument("--segment", action="append", default=[],
+                       help="add: only customers in this segment, e.g. value_tier:high or champions (repeatable)")
+    hooks.add_argument("--seq", type=int, help="redeliver: only this dead delivery (its seq in `crm webhooks dead`)")
+    hooks.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    hooks.set_defaults(func=cmd_webhooks)
 
     keys = sub.add_parser("keys", help="API keys of the ingestion API")
     keys.add_argument("action", choices=("create", "list", "rotate", "revoke"))

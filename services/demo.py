@@ -68,6 +68,19 @@ FROM (SELECT tag, count() AS customers FROM customer_profiles FINAL ARRAY JOIN t
 LEFT JOIN (SELECT substring(dimension, 5) AS tag, countIf(to_segment != '') AS entries, countIf(to_segment = '') AS exits
            FROM segment_changes FINAL WHERE startsWith(dimension, 'tag:') GROUP BY tag) AS moves USING (tag)
 ORDER BY customers DESC"""),
+    ("Churn alerts (churn_alerts): where each alert stands now, per type (docs/alerts.md)", """
+SELECT now.1 AS alert_type, count() AS alerts, countIf(now.2 IN ('opened', 'updated')) AS open,
+       countIf(now.2 = 'resolved') AS resolved, countIf(now.2 = 'expired') AS expired,
+       countIf(now.3 IN ('high', 'critical')) AS high_or_critical, round(avg(now.4), 3) AS avg_p_alive
+FROM (SELECT alert_id, argMax(tuple(alert_type, status, severity, p_alive), version) AS now
+      FROM churn_alerts FINAL GROUP BY alert_id)
+GROUP BY alert_type ORDER BY alerts DESC"""),
+    ("Why alerts opened, and the action recommended", """
+SELECT reason, count() AS opened, countIf(action_kind = 'personal_call') AS calls,
+       countIf(action_kind = 'bonus_points') AS bonus_points, countIf(action_kind = 'coupon') AS coupons,
+       countIf(action_kind = 'none') AS no_consented_channel
+FROM churn_alerts FINAL ARRAY JOIN reason_codes AS reason
+WHERE status = 'opened' GROUP BY reason ORDER BY opened DESC"""),
 ]
 
 
@@ -170,8 +183,10 @@ def _segment_the_population(console: Console, config, writer: ProjectionWriter) 
     """Value tiers and RFM scores need population boundaries; the writer publishes them every
     CRM_BOUNDARIES_SECONDS. The demo asks for them at once, then ticks every partition so that the
     worker carries them to every customer (docs/segments.md)."""
-    boundaries_id = writer.request_boundaries()
-    console.print(f"Published segment boundaries {boundaries_id}; ticking every partition to apply them ...")
+    boundaries_id = writer.boundaries.request()
+    model_id = writer.churn_model.request()
+    console.print(f"Published segment boundaries {boundaries_id} and churn model {model_id}; "
+                  "ticking every partition to apply them ...")
     producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all")
     now = datetime.now(UTC)
     for partition in range(topics.EVENT_PARTITIONS):

@@ -1,5 +1,5 @@
-"""Background processes of the local stack (worker, projection writer): started detached with a
-pid file and a log under the state directory, stopped with SIGTERM (then SIGKILL)."""
+"""Background processes of the local stack (worker, projection writer, alert service): started
+detached with a pid file and a log under the state directory, stopped with SIGTERM (then SIGKILL)."""
 
 from __future__ import annotations
 
@@ -53,3 +53,7 @@ def worker(settings: Settings) -> Daemon:
 
 def writer(settings: Settings) -> Daemon:
     return Daemon(settings, "writer", ["writer"])
+
+
+def alerts(settings: Settings) -> Daemon:
+    return Daemon(settings, "alerts", ["alerts"])

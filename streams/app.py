@@ -20,7 +20,7 @@ from streams import kafka_fixes, topics
 from streams.config import settings
 from streams.rulebooks import load_rulebooks
 from streams.codec_table import CodecTable
-from streams.pipeline import DeadLetter, LedgerEntry, Output, SeenEvent, SegmentChanged, SourceRecord, process
+from streams.pipeline import AlertChanged, DeadLetter, LedgerEntry, Output, SeenEvent, SegmentChanged, SourceRecord, process
 from streams.records import topic_record
 
 log = logging.getLogger("crm.worker")
@@ -34,6 +34,8 @@ def _count_name(output: Output) -> str:
         return f"segment.{output.data['dimension']}"
     if isinstance(output, DeadLetter):
         return f"dead_letter.{output.reason}"
+    if isinstance(output, AlertChanged):
+        return f"alert.{output.data['status']}"
     return type(output).__name__.lower()
 
 
@@ -134,7 +136,7 @@ def create_app() -> faust.App:
     outputs = {topics.EVENTS.name: events, **{
         spec.name: app.topic(spec.name, key_type=bytes, value_type=bytes)
         for spec in (topics.ACCEPTED, topics.PROFILES, topics.DEAD_LETTERS, topics.POINTS_LEDGER,
-                     topics.POINTS_BALANCES, topics.SEGMENT_CHANGES)}}
+                     topics.POINTS_BALANCES, topics.SEGMENT_CHANGES, topics.ALERTS, topics.CHURN_MODELS)}}
 
     customer_state = app.Table(topics.CUSTOMER_STATE_TABLE, partitions=topics.EVENT_PARTITIONS,
                                key_type=bytes, value_type=bytes)

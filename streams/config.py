@@ -35,6 +35,12 @@ class Settings:
     # How often the projection writer recomputes the population boundaries of value tiers and RFM
     # scores and appends them to the events log (projections/boundaries.py); 0 turns that off.
     boundaries_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_BOUNDARIES_SECONDS", "3600")))
+    # The churn rules file (indicators, severity, actions; every version); default deploy/churn-rules.toml.
+    churn_rules: Path = field(default_factory=lambda: Path(
+        os.environ.get("CRM_CHURN_RULES", PROJECT_ROOT / "deploy" / "churn-rules.toml")))
+    # How often the projection writer refits the BG/NBD churn model over the purchase history and
+    # appends it to the events log (projections/churn_model.py); 0 turns that off.
+    churn_model_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_CHURN_MODEL_SECONDS", "86400")))
 
     # The ingestion API (services/ingest): where it listens, and the region for phone numbers
     # written without a country code (normalised to E.164 before hashing).
@@ -55,6 +61,24 @@ class Settings:
     sql_max_result_bytes: int = field(default_factory=lambda: int(os.environ.get("CRM_SQL_MAX_RESULT_BYTES", "268435456")))
     sql_max_memory_bytes: int = field(default_factory=lambda: int(os.environ.get("CRM_SQL_MAX_MEMORY_BYTES", "2000000000")))
     sql_max_concurrent: int = field(default_factory=lambda: int(os.environ.get("CRM_SQL_MAX_CONCURRENT", "2")))
+
+    # Alert delivery (services/alerts, docs/webhooks.md): where its API listens; per webhook, how many
+    # attempts before a delivery is dead, the retry backoff (base doubling per attempt up to the cap,
+    # full jitter), the whole-request timeout and how many requests may be in flight at once.
+    alerts_host: str = field(default_factory=lambda: os.environ.get("CRM_ALERTS_HOST", "127.0.0.1"))
+    alerts_port: int = field(default_factory=lambda: int(os.environ.get("CRM_ALERTS_PORT", "8090")))
+    alerts_max_attempts: int = field(default_factory=lambda: int(os.environ.get("CRM_ALERTS_MAX_ATTEMPTS", "8")))
+    alerts_backoff_base_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CRM_ALERTS_BACKOFF_BASE_SECONDS", "1")))
+    alerts_backoff_cap_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CRM_ALERTS_BACKOFF_CAP_SECONDS", "300")))
+    alerts_timeout_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_ALERTS_TIMEOUT_SECONDS", "10")))
+    alerts_concurrency: int = field(default_factory=lambda: int(os.environ.get("CRM_ALERTS_CONCURRENCY", "4")))
+
+    @property
+    def alerts_db(self) -> Path:
+        """Webhook subscriptions, the alert log and the delivery state (SQLite, WAL)."""
+        return self.state_dir / "alerts" / "alerts.sqlite"
 
     @property
     def ingest_db(self) -> Path:

@@ -1,8 +1,8 @@
 """Everything the worker keeps per customer, in one value so that one state write is atomic:
-the profile, the loyalty account, the redelivery guard, and the outbox.
+the profile, the loyalty account, the churn state, the redelivery guard, and the outbox.
 
 The outbox holds, per record at or after the source partition's committed offset that changed the
-customer, the outputs that are not snapshots (ledger movements, tier and segment changes). Faust
+customer, the outputs that are not snapshots (ledger movements, tier, segment and alert changes). Faust
 flushes every output before it commits an offset, so anything older was delivered; anything newer
 may have been lost in a crash, and is re-sent when its record is redelivered, with the current
 profile and balance: their latest snapshot supersedes all earlier ones."""
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.churn.state import ChurnState
 from streams.loyalty.ledger import Account
 from streams.profile import CustomerProfile
 
@@ -30,6 +31,8 @@ class CustomerState:
     # events that arrived with only this alias, as [offset, event], to be attributed at the link.
     linked_to: str | None = None
     held: list[list[Any]] = field(default_factory=list)
+    # Churn: purchase history for the score and indicators, open alerts (streams/churn).
+    churn: ChurnState = field(default_factory=ChurnState)
 
     @classmethod
     def new(cls, customer_key: str) -> CustomerState:
@@ -40,12 +43,16 @@ class CustomerState:
                 "last_offset": self.last_offset, "due_ms": self.due_ms, "outbox": self.outbox}
         if self.linked_to is not None or self.held:
             data.update(linked_to=self.linked_to, held=self.held)
+        churn = self.churn.to_dict()
+        if churn:
+            data["churn"] = churn
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CustomerState:
         return cls(CustomerProfile.from_dict(data["profile"]), Account.from_dict(data["account"]),
-                   data["last_offset"], data["due_ms"], data["outbox"], data.get("linked_to"), data.get("held", []))
+                   data["last_offset"], data["due_ms"], data["outbox"], data.get("linked_to"), data.get("held", []),
+                   ChurnState.from_dict(data.get("churn")))
 
     def keep_outputs(self, offset: int, outputs: list[dict[str, Any]], committed_offset: int) -> None:
         # Kept even when empty: it marks the record as applied to this customer (see `touched_at`).

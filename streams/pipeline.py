@@ -26,11 +26,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, MutableMapping, Union
 
+from schemas.alerts import ChurnModelPublished
 from schemas.boundaries import SegmentBoundaries
 from schemas.clock import ClockTick
 from schemas.codec import DecodeError, decode_catalog_event, decode_event, fingerprint, to_json_dict
 from schemas.identity import AliasEventAttributed, AliasLinked, derived_id
 from schemas.envelope import Envelope
+from streams.churn import fold as churn
 from streams.customer import CustomerState
 from streams.loyalty import ledger
 from streams.loyalty.calendar import to_ms
@@ -103,6 +105,21 @@ class BoundariesApplied:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertChanged:
+    """A churn alert opened, updated, resolved or expired (schemas/alerts.py AlertChange), for the
+    alerts topic."""
+    customer_key: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnModelApplied:
+    """A churn model now in force in a partition, for the churn-models topic (keyed by model id)."""
+    model_id: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Forward:
     """A record the worker appends to the events topic itself (schemas/identity.py)."""
     key: str
@@ -133,8 +150,10 @@ class Duplicate:
     record: SourceRecord
 
 
-Output = Union[Accepted, ProfileChanged, LedgerEntry, SegmentChanged, BoundariesApplied, Forward, BalanceChanged,
-               DeadLetter, Duplicate]
+Output = Union[Accepted, ProfileChanged, LedgerEntry, SegmentChanged, BoundariesApplied, AlertChanged,
+               ChurnModelApplied, Forward, BalanceChanged, DeadLetter, Duplicate]
+# Outputs that are not snapshots: kept in the customer's outbox until their record is committed.
+_OUTBOX = (LedgerEntry, SegmentChanged, AlertChanged, Forward)
 # Events kept per unlinked alias for attribution at the link; later ones stay only with the alias.
 HELD_LIMIT = 500
 
@@ -165,6 +184,8 @@ def process(
         return _tick(decoded, record, store, rules, committed_offset)
     if isinstance(decoded, SegmentBoundaries):
         return _boundaries(decoded, record, store)
+    if isinstance(decoded, ChurnModelPublished):
+        return _churn_model(decoded, record, store)
     if isinstance(decoded, AliasLinked):
         return _alias_linked(decoded, record, store, rules, committed_offset)
     if isinstance(decoded, AliasEventAttributed):
@@ -232,11 +253,16 @@ def _event(event: Envelope, record: SourceRecord, store: MutableMapping[str, Any
     else:
         state.account, loyalty = ledger.apply(state.account, event, rules.loyalty)
     state.profile = _with_loyalty(profile, state.account)
+    alerts: list[dict[str, Any]] = []
+    if not anonymous:
+        # Aliases are not members: churn is scored and alerted for customers only.
+        state.profile, alerts = churn.after_event(state.profile, state.churn, state.account, segments.churn_model,
+                                                  rules.churn, event)
     state.last_offset = record.offset
-    outputs = [*_segment_outputs(key, changes), *_loyalty_outputs(key, loyalty)]
+    outputs = [*_segment_outputs(key, changes), *_loyalty_outputs(key, loyalty), *_alert_outputs(key, alerts)]
     if not anonymous:
         outputs += [_link(alias, key, event) for alias in state.profile.aliases if alias not in aliases_before]
-    _save(store, state, record, outputs, rules, committed_offset, segments.boundaries)
+    _save(store, state, record, outputs, rules, committed_offset, segments.boundaries, model=segments.churn_model)
     seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
     return [Accepted(event, record, attributed_from), ProfileChanged(state.profile), *outputs]
 
@@ -295,7 +321,7 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
                                              f"{record.partition}", record)]
     timers = PartitionTimers(store, record.partition)
     segments = PartitionSegments(store, record.partition)
-    boundaries = segments.boundaries
+    boundaries, model = segments.boundaries, segments.churn_model
     now = to_ms(tick.occurred_at)
     if now <= timers.clock_ms:
         # Applied before (or an older tick from a second clock): re-send what it changed, if known.
@@ -320,8 +346,15 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
             profile, rescored = membership.rescore(profile, rules.segments, boundaries)
             passed += rescored
         profile = _with_loyalty(profile, account)
+        alerts: list[dict[str, Any]] = []
+        if profile.customer_id is not None:
+            profile, alerts = churn.after_time(profile, state.churn, account, model, rules.churn,
+                                               state.profile.clock_ms)
         news = profile.figures() != state.profile.figures()
-        if not (loyalty or news):
+        # A churn deadline may pass with nothing to show (a window moved, no indicator turned); the
+        # customer is still saved then, to list the next one.
+        rescheduled = _next_due(state.churn, profile, account, rules, boundaries, model) != state.due_ms
+        if not (loyalty or news or alerts or rescheduled):
             # Nothing due after all (a stale listing), or applied before a crash lost the rest of
             # this tick's writes: then its outputs are in the outbox, to be sent again.
             if state.touched_at(record.offset):
@@ -330,12 +363,13 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
             continue
         state.account, state.profile = account, profile
         changed.append(customer_key)
-        customer_outputs = _segment_outputs(customer_key, passed) + _loyalty_outputs(customer_key, loyalty)
+        customer_outputs = (_segment_outputs(customer_key, passed) + _loyalty_outputs(customer_key, loyalty)
+                            + _alert_outputs(customer_key, alerts))
         if news:
             # A new version only when a figure changed, not for the clock alone.
             state.profile = replace(profile, version=profile.version + 1)
             customer_outputs.insert(0, ProfileChanged(state.profile))
-        _save(store, state, record, customer_outputs, rules, committed_offset, boundaries, timers)
+        _save(store, state, record, customer_outputs, rules, committed_offset, boundaries, timers, model)
         outputs.extend(customer_outputs)
     timers.clock_ms = now
     timers.record_sweep(record.offset, changed, committed_offset)
@@ -353,6 +387,18 @@ def _boundaries(boundaries: SegmentBoundaries, record: SourceRecord, store: Muta
     # Sent again on redelivery: the row is keyed by the boundaries id.
     return [BoundariesApplied(boundaries.boundaries_id,
                               {"entry": "boundaries", **boundaries.model_dump(mode="json", exclude={"partition"})})]
+
+
+def _churn_model(model: ChurnModelPublished, record: SourceRecord, store: MutableMapping[str, Any]) -> list[Output]:
+    if model.partition != record.partition:
+        return [DeadLetter("misrouted_churn_model", f"churn model for partition {model.partition} found in "
+                                                    f"partition {record.partition}", record)]
+    segments = PartitionSegments(store, record.partition)
+    current = segments.churn_model
+    if current is None or current.model_id != model.model_id:
+        segments.put_churn_model(model)
+    # Sent again on redelivery: the row is keyed by the model id.
+    return [ChurnModelApplied(model.model_id, model.model_dump(mode="json", exclude={"partition"}))]
 
 
 def profile_after_event(profile: CustomerProfile, event: Envelope, offset: int, rules: Rulebooks,
@@ -375,26 +421,37 @@ def _with_loyalty(profile: CustomerProfile, account: ledger.Account) -> Customer
     return profiles.with_loyalty(profile, account.available, account.pending, account.tier)
 
 
+def _next_due(churn_state: Any, profile: CustomerProfile, account: ledger.Account, rules: Rulebooks,
+              boundaries: SegmentBoundaries | None, model: ChurnModelPublished | None) -> int | None:
+    deadlines = [ledger.next_due_ms(account, rules.loyalty),
+                 membership.next_due_ms(profile, rules.segments, boundaries)]
+    if profile.customer_id is not None:
+        deadlines.append(churn.next_due_ms(profile, churn_state, account, model, rules.churn))
+    return min((d for d in deadlines if d is not None), default=None)
+
+
 def _save(store: MutableMapping[str, Any], state: CustomerState, record: SourceRecord,
           outputs: list[Output], rules: Rulebooks, committed_offset: int,
-          boundaries: SegmentBoundaries | None, timers: PartitionTimers | None = None) -> None:
+          boundaries: SegmentBoundaries | None, timers: PartitionTimers | None = None,
+          model: ChurnModelPublished | None = None) -> None:
     """Write the customer's state, listing its next deadline in the timers first: if a crash loses
     the tail of the changelog, it loses the state write (and the record is applied again) rather
     than leaving a state whose deadline nobody will wake."""
-    deadlines = [ledger.next_due_ms(state.account, rules.loyalty),
-                 membership.next_due_ms(state.profile, rules.segments, boundaries)]
     # A profile merged into a customer's stays as it was at the link: time no longer moves it.
-    due = None if state.linked_to else min((d for d in deadlines if d is not None), default=None)
+    due = None if state.linked_to else _next_due(state.churn, state.profile, state.account, rules, boundaries, model)
     if due is not None and due != state.due_ms:
         (timers or PartitionTimers(store, record.partition)).add(state.account.customer_key, due)
     state.due_ms = due
-    state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, (LedgerEntry, SegmentChanged, Forward))],
-                       committed_offset)
+    state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, _OUTBOX)], committed_offset)
     store[customer_store_key(state.account.customer_key)] = state.to_dict()
 
 
 def _segment_outputs(customer_key: str, changes: list[membership.SegmentChange]) -> list[Output]:
     return [SegmentChanged(customer_key, change.to_dict()) for change in changes]
+
+
+def _alert_outputs(customer_key: str, changes: list[dict[str, Any]]) -> list[Output]:
+    return [AlertChanged(customer_key, change) for change in changes]
 
 
 def _loyalty_outputs(customer_key: str, loyalty: list[ledger.LoyaltyOutput]) -> list[Output]:
@@ -412,7 +469,9 @@ def _resend(state: CustomerState, offset: int) -> list[Output]:
     key = state.account.customer_key
     outputs: list[Output] = [ProfileChanged(state.profile)] if state.profile.first_seen_ms is not None else []
     for data in state.outputs_at(offset):
-        if data["entry"] == "segment_changed":
+        if data.get("type") == "alert_change":
+            outputs.append(AlertChanged(key, data))
+        elif data["entry"] == "segment_changed":
             outputs.append(SegmentChanged(key, data))
         elif data["entry"] == "forward":
             outputs.append(Forward(data["key"], data["record"]))

@@ -92,6 +92,11 @@ class CustomerProfile:
     # For a profile kept under an alias (events that came with only the alias): the customer the
     # alias was linked to later; its events were attributed to that customer (docs/identity.md).
     merged_into: str = ""
+    # Churn (streams/churn): the BG/NBD score under the model in force and the alert types open now.
+    churn_p_alive: float | None = None
+    churn_expected_90d: float | None = None
+    churn_model_id: str = ""
+    open_alerts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         # Fields at their default are left out: state is stored per customer (and per alias), and
@@ -105,7 +110,7 @@ class CustomerProfile:
             **data,
             # States written before a field existed lack it: the default applies.
             **{name: tuple(data[name]) for name in ("aliases", "contact", "channels", "stores", "resolved_unfiled",
-                                                    "rfm", "tags") if name in data},
+                                                    "rfm", "tags", "open_alerts") if name in data},
             "recent": tuple(tuple(entry) for entry in data.get("recent", ())),
         })
 
@@ -129,7 +134,7 @@ class CustomerProfile:
             **windows,
             "last_purchase_ms": self.last_purchase_ms, "weekend_purchases": self.weekend_purchases,
             "favourite_categories": _top(self.category_units, FAVOURITE_CATEGORIES),
-            "favourite_store": next(iter(_top(self.store_purchases, 1)), ""),
+            "favourite_store": favourite_store(self),
             "favourite_channel": next(iter(_top(self.channel_events, 1)), ""),
             "channels": list(self.channels), "stores": list(self.stores),
             "session_count": self.session_count, "sign_in_count": self.sign_in_count,
@@ -143,6 +148,8 @@ class CustomerProfile:
             "value_tier": self.value_tier, "rfm_recency": self.rfm[0], "rfm_frequency": self.rfm[1],
             "rfm_monetary": self.rfm[2], "rfm_segment": self.rfm_segment, "tags": list(self.tags),
             "boundaries_id": self.boundaries_id, "merged_into": self.merged_into,
+            "churn_p_alive": self.churn_p_alive, "churn_expected_90d": self.churn_expected_90d,
+            "churn_model_id": self.churn_model_id, "open_alerts": list(self.open_alerts),
         }
 
     def figures(self) -> dict[str, Any]:
@@ -168,6 +175,10 @@ def _divide(minor: int, count: int) -> int:
 def _top(counts: dict[str, int], n: int) -> list[str]:
     """The `n` largest, ties broken by name so that every replay names the same favourites."""
     return [name for name, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]]
+
+
+def favourite_store(profile: CustomerProfile) -> str:
+    return next(iter(_top(profile.store_purchases, 1)), "")
 
 
 def _with(values: tuple[str, ...], value: str | None) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from schemas.codec import to_json_dict
 from schemas.events import money_amount
 from streams import topics
 from streams.pipeline import (
-    Accepted, BalanceChanged, BoundariesApplied, DeadLetter, Forward, LedgerEntry, Output, ProfileChanged,
+    Accepted, AlertChanged, BalanceChanged, BoundariesApplied, ChurnModelApplied, DeadLetter, Forward, LedgerEntry, Output, ProfileChanged,
     SegmentChanged,
 )
 
@@ -38,6 +38,10 @@ def topic_record(output: Output) -> TopicRecord | None:
         return TopicRecord(topics.SEGMENT_CHANGES.name, output.customer_key.encode(), orjson.dumps(output.data))
     if isinstance(output, BoundariesApplied):
         return TopicRecord(topics.SEGMENT_CHANGES.name, output.boundaries_id.encode(), orjson.dumps(output.data))
+    if isinstance(output, AlertChanged):
+        return TopicRecord(topics.ALERTS.name, output.customer_key.encode(), orjson.dumps(output.data))
+    if isinstance(output, ChurnModelApplied):
+        return TopicRecord(topics.CHURN_MODELS.name, output.model_id.encode(), orjson.dumps(output.data))
     if isinstance(output, BalanceChanged):
         return TopicRecord(topics.POINTS_BALANCES.name, output.customer_key.encode(), orjson.dumps(output.data))
     if isinstance(output, Forward):

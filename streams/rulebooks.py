@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from streams.churn.rules import ChurnRules, load_churn_rules
 from streams.config import Settings
 from streams.loyalty.rules import RulesBook, load_rules
 from streams.segments.rules import SegmentRules, load_segment_rules
@@ -13,7 +14,9 @@ from streams.segments.rules import SegmentRules, load_segment_rules
 class Rulebooks:
     loyalty: RulesBook
     segments: SegmentRules
+    churn: ChurnRules
 
 
 def load_rulebooks(config: Settings) -> Rulebooks:
-    return Rulebooks(load_rules(config.loyalty_rules), load_segment_rules(config.segment_rules))
+    return Rulebooks(load_rules(config.loyalty_rules), load_segment_rules(config.segment_rules),
+                     load_churn_rules(config.churn_rules))

@@ -55,6 +55,15 @@ SEGMENT_CHANGES = TopicSpec(
     "Every entry of a customer into a segment (lifecycle stage), keyed by customer, in order: real-time "
     "audiences. Derived: 30 days.",
 )
+ALERTS = TopicSpec(
+    "crm.alerts", EVENT_PARTITIONS, {"cleanup.policy": "delete", "retention.ms": str(90 * 24 * 3600 * 1000)},
+    "Every state change of every churn alert (schemas/alerts.py AlertChange), keyed by customer, in "
+    "order. Webhooks and the live stream read it. Derived: 90 days.",
+)
+CHURN_MODELS = TopicSpec(
+    "crm.churn-models", 1, COMPACTED,
+    "Each BG/NBD churn model the worker put in force, keyed by model id. Compacted.",
+)
 
 
 def changelog(table: str) -> TopicSpec:
@@ -74,6 +83,6 @@ CUSTOMER_STATE_TABLE = "customer_state"
 SEEN_EVENTS_TABLE = "seen_events"
 
 ALL_TOPICS = (
-    EVENTS, DEAD_LETTERS, ACCEPTED, PROFILES, POINTS_LEDGER, POINTS_BALANCES, SEGMENT_CHANGES,
+    EVENTS, DEAD_LETTERS, ACCEPTED, PROFILES, POINTS_LEDGER, POINTS_BALANCES, SEGMENT_CHANGES, ALERTS, CHURN_MODELS,
     changelog(CUSTOMER_STATE_TABLE), changelog(SEEN_EVENTS_TABLE), ASSIGNOR_LEADER,
 )

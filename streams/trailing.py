@@ -2,7 +2,7 @@
 per currency, app sessions, sign-ins and complaints over the last 30 days.
 
 The profile keeps each recent purchase, refund, session and sign-in as an entry (event time, kind,
-currency, amount) for as long as it counts in some window. A figure is as of a moment T: it sums the
+currency, amount) for as long as some window counts it (KEEP_DAYS). A figure is as of a moment T: it sums the
 entries with event time in (T - window, T]. So an entry leaves a window exactly `window` after it
 happened; `next_change_ms` names the next such moment, for the partition timers to wake the customer
 then, so the figures in the projection slide with event time even if the customer never returns."""
@@ -19,6 +19,10 @@ ACTIVITY_WINDOW_DAYS = 30
 WINDOWS_DAYS = {PURCHASE: SPEND_WINDOWS_DAYS, REFUND: SPEND_WINDOWS_DAYS,
                 SESSION: (ACTIVITY_WINDOW_DAYS,), SIGN_IN: (ACTIVITY_WINDOW_DAYS,), COMPLAINT: (ACTIVITY_WINDOW_DAYS,)}
 
+# How long entries are kept: the longest window a figure or a churn indicator (streams/churn/rules.py)
+# looks back over.
+KEEP_DAYS = {PURCHASE: 365, REFUND: 365, SESSION: 60, SIGN_IN: 60, COMPLAINT: 30}
+
 Entry = tuple[int, str, str, int]  # event time ms, kind, currency ("" for counts), amount (minor units or 1)
 
 
@@ -28,7 +32,7 @@ def add(entries: tuple[Entry, ...], entry: Entry) -> tuple[Entry, ...]:
 
 def prune(entries: tuple[Entry, ...], as_of_ms: int) -> tuple[Entry, ...]:
     """Without the entries that no window as of `as_of_ms` (or later) counts any more."""
-    kept = tuple(e for e in entries if e[0] > as_of_ms - max(WINDOWS_DAYS[e[1]]) * DAY_MS)
+    kept = tuple(e for e in entries if e[0] > as_of_ms - KEEP_DAYS[e[1]] * DAY_MS)
     return entries if len(kept) == len(entries) else kept
 
 

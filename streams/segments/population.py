@@ -1,12 +1,12 @@
 """What the worker keeps per partition for the segments that compare a customer with everyone else:
-the population boundaries in force (schemas/boundaries.py), a directory of the partition's customers,
+the population boundaries and the churn model in force (schemas/boundaries.py, schemas/alerts.py), a directory of the partition's customers,
 and how far the boundaries have been carried through that directory.
 
 Kept in the worker's state table beside the customers, under `s|` keys, like the timers:
 - `s|<partition>`: the boundaries in force, the directory's chunk count, and the sweep cursor;
 - `s|<partition>|<chunk>`: customer keys in order of their first event, at most CHUNK per chunk.
 
-New boundaries reach a customer at the customer's next event, and otherwise through the sweep: each
+New boundaries (or a new churn model) reach a customer at the customer's next event, and otherwise through the sweep: each
 clock tick after a boundaries record rescores the customers of the next SWEEP_CHUNKS chunks. Which
 chunks a tick takes is recorded with the tick's offset, so a tick redelivered after a crash takes
 the same ones, and the changes carry the same event times as in a replay."""
@@ -16,10 +16,12 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
+from schemas.alerts import ChurnModelPublished
 from schemas.boundaries import SegmentBoundaries
 
 # Small chunks: adding a customer rewrites the last chunk, and every write goes to the changelog.
 _PARSED: dict[str, SegmentBoundaries] = {}
+_PARSED_MODELS: dict[str, ChurnModelPublished] = {}
 CHUNK = 100
 SWEEP_CHUNKS = 50
 
@@ -35,9 +37,27 @@ class PartitionSegments:
         # [boundaries id, first chunk, end chunk, offset of the tick that swept them]
         self.sweep: list[Any] | None = meta.get("sweep")
         self._parsed: SegmentBoundaries | None = None
+        self._churn_model: dict[str, Any] | None = meta.get("churn_model")
 
     def save(self) -> None:
-        self.store[self.meta_key] = {"boundaries": self._boundaries, "chunks": self.chunks, "sweep": self.sweep}
+        self.store[self.meta_key] = {"boundaries": self._boundaries, "chunks": self.chunks, "sweep": self.sweep,
+                                     "churn_model": self._churn_model}
+
+    @property
+    def churn_model(self) -> ChurnModelPublished | None:
+        if self._churn_model is None:
+            return None
+        model_id = self._churn_model["model_id"]
+        if model_id not in _PARSED_MODELS:
+            _PARSED_MODELS[model_id] = ChurnModelPublished.model_validate(self._churn_model)
+        return _PARSED_MODELS[model_id]
+
+    def put_churn_model(self, model: ChurnModelPublished) -> None:
+        """Put a churn model in force; the sweep carries it to every customer, as it does boundaries."""
+        self._churn_model = model.model_dump(mode="json")
+        _PARSED_MODELS.setdefault(model.model_id, model)
+        self.sweep = [model.model_id, 0, 0, -1]
+        self.save()
 
     @property
     def boundaries(self) -> SegmentBoundaries | None:

@@ -125,13 +125,15 @@ def tick(partition: int, at: str) -> bytes:
 
 def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_worker_crash(stack):
     """SIGKILL the worker mid-stream, restart it, and compare every profile, event row, ledger
-    movement, points balance and segment change in ClickHouse with `pipeline.process` run over the
-    same records read back from the events topic. Clock ticks in the stream make points mature and
-    expire, and move quiet customers from stage to stage."""
+    movement, points balance, segment change and churn alert change in ClickHouse with
+    `pipeline.process` run over the same records read back from the events topic. Clock ticks in the
+    stream make points mature and expire, move quiet customers from stage to stage, and open and
+    close churn alerts."""
     from streams.config import settings as crm_settings
     from streams.rulebooks import load_rulebooks
     from streams.pipeline import (
-        BalanceChanged, LedgerEntry, ProfileChanged, SegmentChanged, SourceRecord, load_customer, process,
+        AlertChanged, BalanceChanged, LedgerEntry, ProfileChanged, SegmentChanged, SourceRecord, load_customer,
+        process,
     )
 
     prefix = f"crash-{uuid.uuid4().hex[:6]}"
@@ -180,7 +182,7 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
     store, seen = {}, {}
-    movements, balances, segment_changes, profiles = {}, {}, {}, {}
+    movements, balances, segment_changes, profiles, alerts = {}, {}, {}, {}, {}
     for message in consumer:
         if message.key and (message.key.startswith(prefix.encode()) or message.key == b"clock"):
             record = SourceRecord(message.key, message.value, message.partition, message.offset,
@@ -196,6 +198,10 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
                     segment_changes[(output.customer_key, output.data["seq"])] = (
                         output.data["from_segment"], output.data["to_segment"], output.data["occurred_ms"],
                         output.data["cause_type"])
+                elif isinstance(output, AlertChanged):
+                    change = output.data
+                    alerts[change["change_id"]] = (change["customer_key"], change["alert_id"], change["version"],
+                                                   change["status"], change["alert_type"], change["occurred_at"])
                 elif isinstance(output, BalanceChanged):
                     balances[output.customer_key] = (output.data["version"], output.data["as_of_ms"],
                                                      output.data["available"], output.data["pending"],
@@ -247,6 +253,26 @@ def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_work
         return {(r[0], r[1]): tuple(r[2:]) for r in rows}
 
     wait_until_equal(stack, projected_segment_changes, segment_changes, "segment changes")
+    def projected_alerts():
+        rows = stack.query(
+            "SELECT toString(change_id), customer_key, toString(alert_id), version, status, alert_type, "
+            "toUnixTimestamp64Milli(occurred_at) FROM churn_alerts FINAL WHERE startsWith(customer_key, {p:String})",
+            {"p": prefix})
+        return {r[0]: (*r[1:6], r[6]) for r in rows}
+
+    want_alerts = {change_id: (*fields[:5], int(datetime.fromisoformat(fields[5]).timestamp() * 1000))
+                   for change_id, fields in alerts.items()}
+    assert {fields[3] for fields in want_alerts.values()} >= {"opened", "resolved"}
+    wait_until_equal(stack, projected_alerts, want_alerts, "alert changes")
+    # No duplicate open alert: per customer and type, in log order (which the table equals), each
+    # alert opens after the one before it closed.
+    open_now: dict[tuple[str, str], str] = {}
+    for customer, alert_id, version, status, alert_type, _ in want_alerts.values():
+        if status == "opened":
+            assert (customer, alert_type) not in open_now, f"two open {alert_type} alerts for {customer}"
+            open_now[(customer, alert_type)] = alert_id
+        elif status in ("resolved", "expired"):
+            assert open_now.pop((customer, alert_type)) == alert_id
     # Nothing counted twice, nothing missing: no row beyond the pure fold's (FINAL or not).
     assert stack.query("SELECT count() FROM (SELECT DISTINCT customer_key, seq FROM points_ledger "
                        "WHERE startsWith(customer_key, {p:String}))", {"p": prefix})[0][0] == len(movements)

@@ -1,0 +1,214 @@
+"""The churn indicators: which hold for a customer at a moment of event time, with the numbers
+behind each, and the next moment at which one of them may turn. Pure functions of the profile, the
+churn state, the points account and the churn score; docs/alerts.md lists them.
+
+Every window is as of `now_ms`, an event time: an event's, or a clock tick's from the log."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import median
+from typing import Any
+
+from streams import trailing
+from streams.churn.rules import ALERT_OF, ChurnRulesVersion, Falling
+from streams.churn.state import ChurnState
+from streams.loyalty.calendar import DAY_MS
+from streams.loyalty.ledger import Account
+from streams.profile import CustomerProfile
+
+HOUR_MS = 3_600_000
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    code: str
+    weight: float
+    evidence: dict[str, Any]
+
+    @property
+    def alert_type(self) -> str:
+        return ALERT_OF[self.code].value
+
+
+def findings(profile: CustomerProfile, churn: ChurnState, account: Account, p_alive: float | None,
+             expected_90d: float | None, rules: ChurnRulesVersion, now_ms: int) -> list[Finding]:
+    """Every indicator that holds at `now_ms`, in the order of the rules."""
+    found = [
+        _purchase_gap(churn, rules, now_ms),
+        _falling("frequency_falling", rules.indicators.frequency_falling, profile, (trailing.PURCHASE,), now_ms),
+        _falling("activity_falling", rules.indicators.activity_falling, profile, (trailing.SESSION, trailing.SIGN_IN),
+                 now_ms),
+        _dormant(profile, churn, rules, now_ms),
+        _low_p_alive(p_alive, expected_90d, rules),
+        _complaint_unresolved(profile, rules, now_ms),
+        _low_score("nps_detractor", "nps", profile, rules, now_ms),
+        _low_score("csat_low", "csat", profile, rules, now_ms),
+        _repeated_refunds(profile, rules, now_ms),
+        _points_expiring(profile, account, rules),
+        _tier_at_risk(account, rules, now_ms),
+    ]
+    return [finding for finding in found if finding is not None]
+
+
+def next_change_ms(profile: CustomerProfile, churn: ChurnState, account: Account, rules: ChurnRulesVersion,
+                   now_ms: int) -> int | None:
+    """The first moment after `now_ms` at which time alone may turn an indicator (points reminders
+    and tier reviews wake the customer through the ledger's own deadlines; the score's crossing
+    through streams/churn/score.py)."""
+    indicators = rules.indicators
+    moments: list[int] = []
+    gap = _gap_deadline(churn, rules)
+    if gap is not None:
+        moments.append(gap)
+    for falling, kinds in ((indicators.frequency_falling, (trailing.PURCHASE,)),
+                           (indicators.activity_falling, (trailing.SESSION, trailing.SIGN_IN))):
+        for occurred, kind, _, _ in profile.recent:
+            if kind in kinds:
+                moments += [occurred + falling.recent_days * DAY_MS,
+                            occurred + (falling.recent_days + falling.prior_days) * DAY_MS]
+    if churn.purchase_day_count and profile.last_seen_ms is not None:
+        moments += [profile.last_seen_ms + days * DAY_MS for days in indicators.dormant.days]
+    moments += [filed + indicators.complaint_unresolved.hours * HOUR_MS for filed in profile.open_complaints.values()]
+    for kind, low in (("nps", indicators.nps_detractor), ("csat", indicators.csat_low)):
+        answers = profile.surveys.get(kind)
+        if answers:
+            moments.append(answers[-1][0] + low.within_days * DAY_MS)
+    moments += [occurred + indicators.repeated_refunds.within_days * DAY_MS
+                for occurred, kind, _, _ in profile.recent if kind == trailing.REFUND]
+    if account.tier_review_ms is not None:
+        moments.append(account.tier_review_ms - indicators.tier_at_risk.within_days * DAY_MS)
+    return min((moment for moment in moments if moment > now_ms), default=None)
+
+
+def _days(ms: float) -> float:
+    return round(ms / DAY_MS, 1)
+
+
+def _gap_deadline(churn: ChurnState, rules: ChurnRulesVersion) -> int | None:
+    """When the time since the last purchase first exceeds `factor` x the median gap."""
+    gap = rules.indicators.purchase_gap
+    if churn.purchase_day_count < gap.min_purchases or len(churn.purchase_days) < 2:
+        return None
+    typical = _median_gap(churn)
+    return churn.last_purchase_ms + math.floor(gap.factor * typical) + 1  # type: ignore[operator]
+
+
+def _median_gap(churn: ChurnState) -> float:
+    days = churn.purchase_days
+    return median(later - earlier for earlier, later in zip(days, days[1:]))
+
+
+def _purchase_gap(churn: ChurnState, rules: ChurnRulesVersion, now_ms: int) -> Finding | None:
+    deadline = _gap_deadline(churn, rules)
+    if deadline is None or now_ms < deadline:
+        return None
+    gap = rules.indicators.purchase_gap
+    return Finding("purchase_gap", gap.weight, {
+        "days_since_last_purchase": _days(now_ms - churn.last_purchase_ms),  # type: ignore[operator]
+        "median_gap_days": _days(_median_gap(churn)), "factor": gap.factor,
+        "purchase_days": churn.purchase_day_count,
+    })
+
+
+def _falling(code: str, falling: Falling, profile: CustomerProfile, kinds: tuple[str, ...],
+             now_ms: int) -> Finding | None:
+    recent_start = now_ms - falling.recent_days * DAY_MS
+    prior_start = recent_start - falling.prior_days * DAY_MS
+    recent = prior = 0
+    for occurred, kind, _, _ in profile.recent:
+        if kind in kinds and occurred <= now_ms:
+            recent += occurred > recent_start
+            prior += prior_start < occurred <= recent_start
+    if prior < falling.min_prior:
+        return None
+    ratio = (recent / falling.recent_days) / (prior / falling.prior_days)
+    if ratio > falling.max_ratio:
+        return None
+    return Finding(code, falling.weight, {
+        "recent": recent, "recent_days": falling.recent_days, "prior": prior, "prior_days": falling.prior_days,
+        "rate_ratio": round(ratio, 3), "max_ratio": falling.max_ratio,
+    })
+
+
+def _dormant(profile: CustomerProfile, churn: ChurnState, rules: ChurnRulesVersion, now_ms: int) -> Finding | None:
+    # Only customers who have bought can lapse; a registration alone is not a relationship to lose.
+    if not churn.purchase_day_count or profile.last_seen_ms is None:
+        return None
+    dormant = rules.indicators.dormant
+    silent = now_ms - profile.last_seen_ms
+    levels = [level for level, days in enumerate(dormant.days) if silent >= days * DAY_MS]
+    if not levels:
+        return None
+    level = levels[-1]
+    return Finding("dormant", dormant.weights[level], {
+        "days_since_last_seen": _days(silent), "threshold_days": dormant.days[level],
+    })
+
+
+def _low_p_alive(p_alive: float | None, expected_90d: float | None, rules: ChurnRulesVersion) -> Finding | None:
+    low = rules.indicators.low_p_alive
+    if p_alive is None or p_alive >= low.below:
+        return None
+    return Finding("low_p_alive", low.weight, {"p_alive": p_alive, "below": low.below,
+                                               "expected_purchases_90d": expected_90d})
+
+
+def _complaint_unresolved(profile: CustomerProfile, rules: ChurnRulesVersion, now_ms: int) -> Finding | None:
+    unresolved = rules.indicators.complaint_unresolved
+    overdue = sorted(filed for filed in profile.open_complaints.values()
+                     if now_ms - filed >= unresolved.hours * HOUR_MS)
+    if not overdue:
+        return None
+    return Finding("complaint_unresolved", unresolved.weight, {
+        "complaints": len(overdue), "oldest_hours_open": round((now_ms - overdue[0]) / HOUR_MS, 1),
+        "after_hours": unresolved.hours,
+    })
+
+
+def _low_score(code: str, kind: str, profile: CustomerProfile, rules: ChurnRulesVersion, now_ms: int) -> Finding | None:
+    low = getattr(rules.indicators, code)
+    answers = profile.surveys.get(kind)
+    if not answers:
+        return None
+    answered, _, score = answers[-1]
+    if score > low.max_score or now_ms - answered >= low.within_days * DAY_MS or answered > now_ms:
+        return None
+    return Finding(code, low.weight, {"score": score, "max_score": low.max_score,
+                                      "answered_days_ago": _days(now_ms - answered)})
+
+
+def _repeated_refunds(profile: CustomerProfile, rules: ChurnRulesVersion, now_ms: int) -> Finding | None:
+    refunds = rules.indicators.repeated_refunds
+    since = now_ms - refunds.within_days * DAY_MS
+    count = sum(1 for occurred, kind, _, _ in profile.recent if kind == trailing.REFUND and since < occurred <= now_ms)
+    if count < refunds.count:
+        return None
+    return Finding("repeated_refunds", refunds.weight, {"refunds": count, "within_days": refunds.within_days})
+
+
+def _points_expiring(profile: CustomerProfile, account: Account, rules: ChurnRulesVersion) -> Finding | None:
+    expiring = rules.indicators.points_expiring
+    balance = account.last_balance
+    if balance is None or profile.value_tier not in expiring.value_tiers:
+        return None
+    if balance["expiring_soon"] < expiring.min_points:
+        return None
+    return Finding("points_expiring", expiring.weight, {
+        "points": balance["expiring_soon"], "within_days": balance["expiring_soon_days"],
+        "next_expiry_ms": balance["next_expiry_ms"], "value_tier": profile.value_tier,
+    })
+
+
+def _tier_at_risk(account: Account, rules: ChurnRulesVersion, now_ms: int) -> Finding | None:
+    at_risk = rules.indicators.tier_at_risk
+    review = account.tier_review_ms
+    if review is None or account.tier_after_review is None or not now_ms < review:
+        return None
+    if review - now_ms > at_risk.within_days * DAY_MS:
+        return None
+    return Finding("tier_at_risk", at_risk.weight, {
+        "tier": account.tier, "tier_after_review": account.tier_after_review,
+        "review_in_days": _days(review - now_ms), "review_at_ms": review,
+    })

@@ -1,0 +1,107 @@
+"""`crm alerts` against the real broker: AlertChange records written straight to crm.alerts (valid
+ones, one sent twice, one invalid) reach a webhook that fails its first requests and then recovers:
+every alert once, in customer order, correctly signed; the invalid record is skipped and reported."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import orjson
+import pytest
+
+from services.alerts.signing import verify
+from services.alerts.store import AlertStore
+from services.ingest.keys import ApiKeyStore
+from streams import topics
+from streams.config import PROJECT_ROOT
+from tests.integration.conftest import _free_port
+from tests.unit.test_alert_delivery import Receiver, alert, by_customer, encoded, requested_order
+
+pytestmark = pytest.mark.integration
+
+
+def _wait(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _health(url: str) -> dict | None:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).json()
+    except httpx.TransportError:
+        return None
+
+
+def test_alerts_from_kafka_reach_a_flaky_webhook_once_each_in_order_and_signed(stack, tmp_path):
+    keys = ApiKeyStore(stack.settings.ingest_db)
+    _, secret = keys.create("backoffice", "alerts integration test")
+    keys.close()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CRM_ALERTS_HOST": "127.0.0.1", "CRM_ALERTS_PORT": str(port),
+           "CRM_ALERTS_BACKOFF_BASE_SECONDS": "0.05", "CRM_ALERTS_BACKOFF_CAP_SECONDS": "0.2"}
+    log_path = tmp_path / "alerts.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "services.cli", "alerts"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, start_new_session=True)
+    try:
+        _wait(lambda: (_health(url) or {}).get("consumer") == "running", 60, f"crm alerts to run (log {log_path})")
+        # Only this test's alerts: the worker may write others to crm.alerts meanwhile.
+        store_id = f"it-{uuid.uuid4().hex[:8]}"
+        with Receiver(fail_first=5, fail_status=503) as receiver:
+            created = httpx.post(f"{url}/v1/webhooks", json={"url": receiver.url, "filters": {"stores": [store_id]}},
+                                 headers={"Authorization": f"Bearer {secret}"})
+            assert created.status_code == 201, created.text
+            hook_secret = created.json()["secret"]
+
+            customers = [f"it-cust-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+            alerts = [alert(c, store_id=store_id, version=v) for v in (1, 2, 3) for c in customers]
+            for a in alerts:
+                stack.send(a.customer_key.encode(), encoded(a), topic=topics.ALERTS.name)
+            stack.send(alerts[0].customer_key.encode(), encoded(alerts[0]), topic=topics.ALERTS.name)  # a re-send
+            # The same customer's next change, after the re-send in the same partition: once it is
+            # delivered, the re-send has been read too.
+            marker = alert(alerts[0].customer_key, store_id=store_id, version=4)
+            stack.send(marker.customer_key.encode(), encoded(marker), topic=topics.ALERTS.name)
+            broken = orjson.dumps({**orjson.loads(encoded(alert(store_id=store_id))), "change_id": "not-a-uuid"})
+            stack.send(b"broken", broken, topic=topics.ALERTS.name)
+            stack.flush()
+            sent = [*alerts, marker]
+
+            _wait(lambda: len(receiver.accepted()) >= len(sent), 60, "every alert at the receiver")
+            accepted = receiver.accepted()
+            assert sorted(r.change_id for r in accepted) == sorted(str(a.change_id) for a in sent)  # once each
+            assert all(verify(hook_secret, r.headers["x-crm-signature"], r.body) for r in accepted)
+            assert {r.body for r in accepted} == {encoded(a) for a in sent}
+            assert requested_order(receiver.all()) == by_customer(sent)
+            assert len(receiver.all()) > len(sent)      # the first requests failed and were retried
+
+            _wait(lambda: (_health(url) or {}).get("invalid_records", 0) >= 1, 30, "the invalid record to be counted")
+        store = AlertStore(stack.settings.alerts_db)
+        try:
+            invalid = [r for r in store.invalid_records() if r.value == broken]
+        finally:
+            store.close()
+        assert len(invalid) == 1 and "change_id" in invalid[0].error and invalid[0].topic == topics.ALERTS.name
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, log_path.read_text()[-3000:]
+    output = log_path.read_text()
+    assert f"skipped {topics.ALERTS.name}[" in output and "not a valid AlertChange" in output
+    assert "alerts service stopped" in output

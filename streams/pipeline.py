@@ -244,6 +244,7 @@ def _event(event: Envelope, record: SourceRecord, store: MutableMapping[str, Any
         segments.enrol(key)
         state = CustomerState.new(key)
     aliases_before = state.profile.aliases
+    alerts = _churn_until(state, to_ms(event.occurred_at), rules, segments) if not anonymous else []
     profile, changes = profile_after_event(state.profile, event, record.offset, rules, segments.boundaries)
     if anonymous:
         # Points belong to members: an alias's purchases earn once attributed to the customer.
@@ -253,11 +254,11 @@ def _event(event: Envelope, record: SourceRecord, store: MutableMapping[str, Any
     else:
         state.account, loyalty = ledger.apply(state.account, event, rules.loyalty)
     state.profile = _with_loyalty(profile, state.account)
-    alerts: list[dict[str, Any]] = []
     if not anonymous:
         # Aliases are not members: churn is scored and alerted for customers only.
-        state.profile, alerts = churn.after_event(state.profile, state.churn, state.account, segments.churn_model,
-                                                  rules.churn, event)
+        state.profile, alerted = churn.after_event(state.profile, state.churn, state.account, segments.churn_model,
+                                                   rules.churn, event)
+        alerts += alerted
     state.last_offset = record.offset
     outputs = [*_segment_outputs(key, changes), *_loyalty_outputs(key, loyalty), *_alert_outputs(key, alerts)]
     if not anonymous:
@@ -265,6 +266,18 @@ def _event(event: Envelope, record: SourceRecord, store: MutableMapping[str, Any
     _save(store, state, record, outputs, rules, committed_offset, segments.boundaries, model=segments.churn_model)
     seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
     return [Accepted(event, record, attributed_from), ProfileChanged(state.profile), *outputs]
+
+
+def _churn_until(state: CustomerState, event_ms: int, rules: Rulebooks, segments: PartitionSegments) -> list[dict[str, Any]]:
+    """The alert changes that time made before an event, when a deadline passed since the customer's
+    last tick or event: an alert may open before the event (dated when it did) that the event then
+    resolves. The clock ticks usually got there first."""
+    if state.due_ms is None or state.due_ms > event_ms or state.profile.first_seen_ms is None:
+        return []
+    waited, _ = profile_until(state.profile, event_ms, rules, segments.boundaries)
+    _, alerts = churn.after_time(waited, state.churn, state.account, segments.churn_model, rules.churn,
+                                 state.profile.clock_ms)
+    return alerts
 
 
 def _link(alias_key: str, customer_id: str, event: Envelope) -> Forward:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from projections import boundaries
+from projections import boundaries, churn_model
 from projections.replay import Rebuild, TABLES, verify
 from services.lag import LagProbe
 from services.simulator import Simulator, Workload
@@ -44,9 +44,10 @@ def test_a_rebuild_from_the_log_equals_the_live_projections(stack):
     assert sent >= 100_000, sent
     wait_until_caught_up(stack)
     live_seconds = time.monotonic() - started
-    # Boundaries too, so that every table has rows to compare.
+    # Boundaries and a churn model too, so that every table has rows to compare.
     rules = load_rulebooks(stack.settings)
     assert boundaries.publish(stack.client, stack.settings.clickhouse_database, rules.segments, stack.producer)
+    assert churn_model.publish(stack.client, stack.settings.clickhouse_database, stack.producer)
     wait_until_caught_up(stack)
 
     progress: list[tuple[int, int]] = []

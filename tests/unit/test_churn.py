@@ -265,3 +265,13 @@ def test_a_replay_and_a_redelivery_give_the_same_alerts():
     again = [o for record in log.records for o in process(record, replay.store, replay.seen, RULES)]
     resent = {o.data["change_id"] for o in again if isinstance(o, AlertChanged)}
     assert resent <= {change["change_id"] for change in first}
+
+
+def test_without_ticks_an_event_after_a_deadline_first_raises_what_time_did_then_resolves_it():
+    log = Log()
+    last = regular_buyer(log)
+    back = last + timedelta(days=30)
+    log.send("purchase_completed", back, **purchase())
+    opened, resolved = log.alerts()
+    assert (opened.status, opened.occurred_at, opened.cause.type) == ("opened", last + timedelta(days=20, milliseconds=1), "time")
+    assert (resolved.status, resolved.occurred_at, resolved.cause.event_type) == ("resolved", back, "purchase_completed")

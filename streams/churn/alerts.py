@@ -16,7 +16,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas.alerts import (
-    SEVERITY_ORDER, Action, AlertChange, AlertStatus, AlertType, Cause, Reason, Severity,
+    SEVERITY_ORDER,
+    Action,
+    AlertChange,
+    AlertStatus,
+    AlertType,
+    Cause,
+    Reason,
+    Severity,
 )
 from schemas.identity import derived_id
 from streams.churn.indicators import Finding

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from statistics import median
 from typing import Any
 
@@ -97,7 +98,7 @@ def _gap_deadline(churn: ChurnState, rules: ChurnRulesVersion) -> int | None:
 
 def _median_gap(churn: ChurnState) -> float:
     days = churn.purchase_days
-    return median(later - earlier for earlier, later in zip(days, days[1:]))
+    return median(later - earlier for earlier, later in pairwise(days))
 
 
 def _purchase_gap(churn: ChurnState, rules: ChurnRulesVersion, now_ms: int) -> Finding | None:

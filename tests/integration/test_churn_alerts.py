@@ -50,7 +50,7 @@ def test_worker_alerts_reach_a_recovering_webhook_signed_and_in_order_and_land_i
 
             start = datetime.now(UTC) - timedelta(days=3)
             for n, customer in enumerate(customers):
-                def send(type_: str, at: datetime, **fields) -> None:
+                def send(type_: str, at: datetime, customer: str = customer, **fields) -> None:
                     body = event(type_, customer, occurred_at=at.isoformat(), **fields)
                     stack.send(customer.encode(), encoded(body))
 

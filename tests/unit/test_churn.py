@@ -19,7 +19,8 @@ from tests.factories import event
 RULES = load_rulebooks(crm_settings())
 START = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
 # The BG/NBD parameters of the CDNOW sample, per week: a model as the writer would publish it.
-MODEL = dict(r=0.243, alpha=4.414, a=0.793, b=2.426, time_unit_days=7.0, customers=2357, log_likelihood=-9582.4)
+MODEL = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426, "time_unit_days": 7.0, "customers": 2357,
+         "log_likelihood": -9582.4}
 
 
 class Log:

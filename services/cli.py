@@ -459,7 +459,8 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--state-dir", help="where the local stack keeps its data (default .state; env CRM_STATE_DIR)")
     sub = root.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("start", help="start broker, topics, worker and writer in the background").set_defaults(func=cmd_start)
+    sub.add_parser("start", help="start broker, topics, worker, writer and alert service in the background"
+                   ).set_defaults(func=cmd_start)
     sub.add_parser("stop", help="stop everything `crm start` started").set_defaults(func=cmd_stop)
     sub.add_parser("status", help="what runs, and how far behind it is").set_defaults(func=cmd_status)
 

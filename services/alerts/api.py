@@ -210,8 +210,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                      store_id: Annotated[list[str], Query(alias="store", description="repeatable")] = [],  # noqa: B006
                      segment: Annotated[list[str], Query(description="repeatable")] = [],  # noqa: B006
                      last_event_id: Annotated[str | None, Query(description="resume after this change_id")] = None,
-                     start: Annotated[str | None, Query(alias="from", description="`start`: the whole log "
-                                                    "(also when the Last-Event-ID is unknown); default: new alerts only")] = None,
+                     start: Annotated[str | None, Query(
+                         alias="from", description="`start`: the whole log (also when the Last-Event-ID is "
+                                                   "unknown); default: new alerts only")] = None,
                      last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                      ) -> EventSourceResponse:
         try:
@@ -238,8 +239,8 @@ def _start_position(store: AlertStore, resume_after: str | None, start: str | No
         if start == "start":
             return 0
         raise Problem(400, "unknown_event_id",
-                      f"Last-Event-ID {resume_after[:64]!r} is not a change_id in the alert log (it may be older than "
-                      "the log keeps); add from=start to read the whole log, or leave both out for new alerts only")
+                      f"Last-Event-ID {resume_after[:64]!r} is not a change_id in this service's alert log; add "
+                      "from=start to read the whole log, or leave both out for new alerts only")
     return 0 if start == "start" else store.last_seq()
 
 

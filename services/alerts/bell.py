@@ -22,9 +22,17 @@ class Bell:
         self.ring()
 
     async def wait(self, timeout: float) -> None:
-        if self.closed:
-            return
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except TimeoutError:
-            pass
+        if not self.closed:
+            await wait_event(self._event, timeout)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Until the event is set or the timeout passed, whichever is first.
+
+    Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as the event is set,
+    and a loop that waits that way then never stops (cpython gh-86296). asyncio.timeout does not."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        pass

@@ -87,6 +87,11 @@ class AlertConsumer:
             except KafkaError as exc:
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("Kafka at %s: %s; trying again in %.0f s", self.bootstrap, self.stats.last_error, wait)
+            except Exception as exc:
+                # Anything else (the SQLite file, say): offsets were not committed, so the batch is read
+                # again when consuming resumes. Keep the process, and the deliveries, running.
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("consuming %s failed; starting again in %.0f s", self.topic, wait)
             finally:
                 self.stats.state = "stopped"
                 await _quietly_stop(consumer)
@@ -108,7 +113,8 @@ class AlertConsumer:
                 self.on_appended()
             # Only now that SQLite has the batch: a crash before this line re-reads it, and the
             # change_ids make that harmless.
-            offsets = {TopicPartition(tp.topic, tp.partition): batch[-1].offset + 1 for tp, batch in batches.items() if batch}
+            offsets = {TopicPartition(tp.topic, tp.partition): batch[-1].offset + 1
+                       for tp, batch in batches.items() if batch}
             try:
                 await consumer.commit(offsets)
             except CommitFailedError as exc:

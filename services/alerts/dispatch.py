@@ -20,6 +20,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from services.alerts.bell import wait_event
 from services.alerts.signing import HEADER as SIGNATURE_HEADER
 from services.alerts.signing import sign
 from services.alerts.store import AlertStore, Due, Subscription
@@ -116,19 +117,20 @@ class SubscriptionLoop:
                             task = asyncio.create_task(self._attempt(client, delivery),
                                                        name=f"deliver {self.subscription.id} #{delivery.seq}")
                             self._in_flight[delivery.customer_key] = task
-                            task.add_done_callback(lambda _, key=delivery.customer_key: self._settled(key))
-                    wait = POLL_SECONDS if next_at is None else min(POLL_SECONDS, max(0.0, next_at - now))
-                    try:
-                        await asyncio.wait_for(self.wake.wait(), timeout=wait)
-                    except TimeoutError:
-                        pass
+                            task.add_done_callback(lambda done, key=delivery.customer_key: self._settled(key, done))
+                    until_due = POLL_SECONDS if next_at is None else max(0.0, next_at - now)
+                    await wait_event(self.wake, min(POLL_SECONDS, until_due))
             finally:
                 for task in self._in_flight.values():
                     task.cancel()
                 await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
 
-    def _settled(self, customer_key: str) -> None:
+    def _settled(self, customer_key: str, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(customer_key, None)
+        if not task.cancelled() and task.exception() is not None:
+            # Recording the outcome failed (the store): the delivery is still pending and is tried again.
+            log.error("webhook %s: delivery for %s failed", self.subscription.id, customer_key,
+                      exc_info=task.exception())
         self.wake.set()  # the customer's next alert, if any, may go now
 
     async def _attempt(self, client: httpx.AsyncClient, due: Due) -> None:
@@ -203,11 +205,11 @@ class Dispatcher:
         try:
             while True:
                 self._changed.clear()
-                self._reconcile()
                 try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=POLL_SECONDS)
-                except TimeoutError:
-                    pass
+                    self._reconcile()
+                except Exception:  # the store, briefly unavailable: deliveries go on, try again shortly
+                    log.exception("could not read the webhook subscriptions")
+                await wait_event(self._changed, POLL_SECONDS)
         finally:
             tasks = [task for _, task in self._loops.values()]
             for task in tasks:

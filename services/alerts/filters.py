@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.alerts import SEVERITY_ORDER, AlertChange, AlertType, Severity
+from schemas.alerts import SEVERITY_ORDER, AlertChange, AlertType
 
 _RANK = {severity.value: rank for rank, severity in enumerate(SEVERITY_ORDER)}
 
@@ -38,7 +38,7 @@ class Filters:
     def matches(self, alert: AlertChange) -> bool:
         if self.types and alert.alert_type.value not in self.types:
             return False
-        if self.min_severity and _RANK[Severity(alert.severity).value] < _RANK[self.min_severity]:
+        if self.min_severity and _RANK[alert.severity.value] < _RANK[self.min_severity]:
             return False
         if self.stores and alert.store_id not in self.stores:
             return False

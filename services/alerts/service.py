@@ -71,7 +71,8 @@ class AlertService:
                 dispatcher.subscriptions_changed()
                 dispatcher.nudge()
 
-            self.consumer = AlertConsumer(store, self.settings.kafka_bootstrap, appended, self.group_id) if self.consume else None
+            self.consumer = (AlertConsumer(store, self.settings.kafka_bootstrap, appended, self.group_id)
+                             if self.consume else None)
             runtime = Runtime(store, keys, bell, changed, self.consumer.stats if self.consumer else None,
                               self.heartbeat_seconds)
             server = _Server(uvicorn.Config(create_app(runtime), log_config=None, access_log=False, lifespan="off",
@@ -92,11 +93,14 @@ class AlertService:
                 for job in jobs:
                     if job.done() and not job.cancelled() and job.exception():
                         raise job.exception()  # type: ignore[misc]
+                    if job.done() and not self._stop.is_set():
+                        raise RuntimeError(f"the alert service's {job.get_name()} ended on its own")
             finally:
                 bell.close()              # live streams end, so the server's shutdown does not wait for them
                 server.should_exit = True
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(jobs[1]), timeout=10)
+                with contextlib.suppress(Exception):   # its own failure, or not done in time: cancelled below
+                    async with asyncio.timeout(10):
+                        await asyncio.shield(jobs[1])
                 for job in (*jobs, stop):
                     job.cancel()
                 await asyncio.gather(*jobs, stop, return_exceptions=True)
@@ -132,6 +136,8 @@ class AlertService:
 
 def run_forever(settings: Settings, host: str | None = None, port: int | None = None) -> None:
     """`crm alerts`: the service in the foreground, stopped by SIGTERM or Ctrl-C."""
+    # httpx logs every request at INFO, a line per delivery; failed attempts are logged by dispatch.py.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     service = AlertService(settings, host, port)
 
     async def main() -> None:

@@ -147,7 +147,8 @@ def expected_purchases(params: Params, t: float, x: int, t_x: float, T: float) -
 
 def p_alive_falls_below_at(params: Params, x: int, t_x: float, threshold: float) -> float | None:
     """The age T at which P(alive) reaches `threshold`, falling: above it before, below after.
-    None when x == 0 (P(alive) stays 1). When P(alive) is already below the threshold right at the
+    None when x == 0 (P(alive) stays 1), or when the age would be too large for a float (only
+    for absurd parameters or thresholds). When P(alive) is already below the threshold right at the
     last purchase (T == t_x), returns t_x. In the unit of t_x, counted from the first purchase."""
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
@@ -158,7 +159,7 @@ def p_alive_falls_below_at(params: Params, x: int, t_x: float, threshold: float)
     # for T: (r+x) * log((alpha+T)/(alpha+t_x)) = log(1/threshold - 1) - log K.
     log_growth = (-special.logit(threshold) - (math.log(a) - math.log(b + x - 1))) / (r + x)
     if log_growth > 700:
-        return math.inf  # beyond any float age: in practice never
+        return None  # an age beyond any float: never, as far as anyone will see
     age = (alpha + t_x) * math.exp(log_growth) - alpha
     return float(max(age, t_x))
 

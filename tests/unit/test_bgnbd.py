@@ -203,6 +203,11 @@ def test_p_alive_never_falls_without_repeat_purchases():
     assert bgnbd.p_alive_falls_below_at(PUBLISHED, 0, 0.0, 0.5) is None
 
 
+def test_an_age_beyond_any_float_is_never():
+    absurd = Params(r=0.01, alpha=1.0, a=1e-300, b=1.0)  # nobody ever drops out, near enough
+    assert bgnbd.p_alive_falls_below_at(absurd, 1, 1.0, 1e-300) is None
+
+
 def test_the_published_example_crosses_a_half_after_its_age():
     at = bgnbd.p_alive_falls_below_at(PUBLISHED, 2, 30.43, 0.5)
     assert at > 38.86  # P(alive) is 0.73 at 38.86 weeks

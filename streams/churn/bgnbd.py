@@ -52,7 +52,12 @@ class Fit:
 _LOG_BOUND = 20.0
 # Largest gradient of the mean log-likelihood (per customer, per log-parameter) that counts as a
 # maximum. The mean, not the sum, so the same tolerance holds for 300 and for 3 million customers.
-_GRADIENT_TOLERANCE = 1e-6
+# Not tighter: when customers differ little in how likely they drop out, the maximum is a ridge
+# towards a, b -> infinity at a fixed a / (a + b) (the limit where every customer has the same
+# dropout probability). The optimizer stops out on it with a gradient of about 1e-6; the parameters
+# there are a sound model (p_alive and the expectation only use a / (b + x - 1) and a + b), and the
+# simulated shoppers of the demo and tests land there.
+_GRADIENT_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)

@@ -259,3 +259,27 @@ def test_expected_purchases_agree_with_integrating_the_model(params):
 def test_a_negative_horizon_is_refused():
     with pytest.raises(ValueError):
         bgnbd.expected_purchases(PUBLISHED, -1, 2, 30.43, 38.86)
+
+
+def test_customers_who_share_one_dropout_probability_fit_out_on_the_ridge_and_still_score():
+    """No heterogeneity in dropout: the maximum lies towards a, b -> infinity with a / (a + b) the
+    shared probability. The fit is accepted there and scores like any other."""
+    rng = np.random.default_rng(1)
+    x, t_x, T = [], [], []
+    for _ in range(6000):
+        rate, age, moment, purchases, last = rng.gamma(0.5, 1 / 4.0), rng.uniform(1, 45), 0.0, 0, 0.0
+        while True:
+            moment += rng.exponential(1 / rate)
+            if moment > age:
+                break
+            purchases, last = purchases + 1, moment
+            if rng.random() < 0.3:
+                break
+        x.append(purchases)
+        t_x.append(last)
+        T.append(age)
+    result = bgnbd.fit(np.array(x), np.array(t_x), np.array(T))
+    assert result.converged
+    assert result.params.a > 1e3 and abs(result.params.a / (result.params.a + result.params.b) - 0.3) < 0.03
+    assert 0 < bgnbd.p_alive(result.params, 3, 10.0, 40.0) < 1
+    assert 0 < bgnbd.expected_purchases(result.params, 90, 3, 10.0, 40.0) < 100

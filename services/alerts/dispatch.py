@@ -35,6 +35,7 @@ POLL_SECONDS = 1.0
 # customer's alerts for days.
 MAX_RETRY_AFTER_SECONDS = 3600.0
 ERROR_BODY_BYTES = 200  # of a failed response's body, kept in last_error
+ACK_BODY_BYTES = 64 * 1024  # read of a success's body, to reuse the connection; a longer one closes it
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ class SubscriptionLoop:
                     status = response.status_code
                     if 200 <= status < 300:
                         error = None
+                        # Read the (usually empty) answer so the connection goes back to the pool:
+                        # left unread, httpx closes it, and every alert pays a new TCP/TLS handshake.
+                        await _start_of(response, ACK_BODY_BYTES)
                     else:
                         retry_after = retry_after_seconds(response.headers.get("retry-after"))
                         error = f"HTTP {status}: {await _start_of(response)}"
@@ -168,14 +172,14 @@ class SubscriptionLoop:
                     else f" - retry at {datetime.fromtimestamp(retry_at, UTC).isoformat(timespec='seconds')}")
 
 
-async def _start_of(response: httpx.Response) -> str:
-    """The first bytes of an error body, for last_error; never the whole of whatever a receiver sends."""
+async def _start_of(response: httpx.Response, limit: int = ERROR_BODY_BYTES) -> str:
+    """The first bytes of a body (for last_error); never the whole of whatever a receiver sends."""
     kept = b""
     async for chunk in response.aiter_bytes():
         kept += chunk
-        if len(kept) >= ERROR_BODY_BYTES:
+        if len(kept) >= limit:
             break
-    return kept[:ERROR_BODY_BYTES].decode("utf-8", "replace").strip() or "(empty body)"
+    return kept[:limit].decode("utf-8", "replace").strip() or "(empty body)"
 
 
 class Dispatcher:

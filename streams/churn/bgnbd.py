@@ -58,6 +58,8 @@ _LOG_BOUND = 20.0
 # there are a sound model (p_alive and the expectation only use a / (b + x - 1) and a + b), and the
 # simulated shoppers of the demo and tests land there.
 _GRADIENT_TOLERANCE = 1e-5
+# a and b both above e^13 (about 440,000): the ridge, where only a / (a + b) still matters.
+_RIDGE_LOG = 13.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,12 @@ def fit(x: ArrayLike, t_x: ArrayLike, T: ArrayLike) -> Fit:
     # Our own test of a maximum rather than the optimizer's stop reason: L-BFGS-B may stop with a
     # line-search complaint at a point that is a maximum to machine precision.
     scaled_gradient = gradient * np.exp(result.x)
-    inside = bool(np.all(np.abs(result.x) < _LOG_BOUND - 1e-6))
+    # Out on the a, b -> infinity ridge (see _GRADIENT_TOLERANCE) the optimizer may stop anywhere,
+    # the bound included: there only r and alpha must be a maximum.
+    on_ridge = bool(np.all(result.x[2:] > _RIDGE_LOG))
+    checked = slice(0, 2) if on_ridge else slice(0, 4)
+    scaled_gradient = scaled_gradient[checked]
+    inside = bool(np.all(np.abs(result.x[checked]) < _LOG_BOUND - 1e-6))
     # Without a single repeat purchase the likelihood only grows as the purchase rate goes to zero,
     # and a and b are not identified at all: whatever point the optimizer stops at means nothing.
     identified = bool(np.any(customers.x > 0))

@@ -5,11 +5,15 @@ beside the live ones, swapped in, and compared with the tables it replaced."""
 from __future__ import annotations
 
 import time
+import uuid
+from datetime import UTC, datetime
 
+import orjson
 import pytest
 
 from projections import boundaries, churn_model
 from projections.replay import Rebuild, TABLES, verify
+from schemas.alerts import ChurnModelPublished
 from services.lag import LagProbe
 from services.simulator import Simulator, Workload
 from streams import topics
@@ -47,7 +51,15 @@ def test_a_rebuild_from_the_log_equals_the_live_projections(stack):
     # Boundaries and a churn model too, so that every table has rows to compare.
     rules = load_rulebooks(stack.settings)
     assert boundaries.publish(stack.client, stack.settings.clickhouse_database, rules.segments, stack.producer)
-    assert churn_model.publish(stack.client, stack.settings.clickhouse_database, stack.producer)
+    # The churn model as the writer publishes it, with the CDNOW parameters in days: the simulated
+    # shoppers share one dropout probability, which the fit does not always settle on (see the note
+    # in streams/churn/bgnbd.py), and this test is about the rebuild, not the fit.
+    at = datetime.fromtimestamp(churn_model.latest_event_ms(stack.client, stack.settings.clickhouse_database) / 1000, UTC)
+    for partition in range(topics.EVENT_PARTITIONS):
+        model = ChurnModelPublished(event_id=uuid.uuid4(), occurred_at=at, partition=partition, model_id="replay-cdnow",
+                                    r=0.243, alpha=4.414 * 7, a=0.793, b=2.426, customers=2357, log_likelihood=-9582.4)
+        stack.send(b"churn-model", orjson.dumps(model.model_dump(mode="json")), partition=partition)
+    stack.flush()
     wait_until_caught_up(stack)
 
     progress: list[tuple[int, int]] = []

@@ -10,6 +10,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import orjson
@@ -43,20 +47,44 @@ def _health(url: str) -> dict | None:
         return None
 
 
-def test_alerts_from_kafka_reach_a_flaky_webhook_once_each_in_order_and_signed(stack, tmp_path):
+@dataclass
+class RunningService:
+    url: str
+    api_key: str     # a backoffice key, for the subscription API
+    log_path: Path
+    process: subprocess.Popen
+
+
+@contextmanager
+def alert_service(stack, tmp_path: Path, backoff_cap_seconds: str) -> Iterator[RunningService]:
+    """`crm alerts` as a subprocess on a free port with fast retries, running once this yields;
+    stopped with SIGTERM on the way out (the caller checks how it exited)."""
     keys = ApiKeyStore(stack.settings.ingest_db)
-    _, secret = keys.create("backoffice", "alerts integration test")
+    _, api_key = keys.create("backoffice", "alerts integration test")
     keys.close()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "CRM_ALERTS_HOST": "127.0.0.1", "CRM_ALERTS_PORT": str(port),
-           "CRM_ALERTS_BACKOFF_BASE_SECONDS": "0.05", "CRM_ALERTS_BACKOFF_CAP_SECONDS": "0.2"}
+           "CRM_ALERTS_BACKOFF_BASE_SECONDS": "0.05", "CRM_ALERTS_BACKOFF_CAP_SECONDS": backoff_cap_seconds}
     log_path = tmp_path / "alerts.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "services.cli", "alerts"], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, start_new_session=True)
     try:
         _wait(lambda: (_health(url) or {}).get("consumer") == "running", 60, f"crm alerts to run (log {log_path})")
+        yield RunningService(url, api_key, log_path, process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+
+
+def test_alerts_from_kafka_reach_a_flaky_webhook_once_each_in_order_and_signed(stack, tmp_path):
+    with alert_service(stack, tmp_path, backoff_cap_seconds="0.2") as service:
+        url, secret, log_path, process = service.url, service.api_key, service.log_path, service.process
         # Only this test's alerts: the worker may write others to crm.alerts meanwhile.
         store_id = f"it-{uuid.uuid4().hex[:8]}"
         with Receiver(fail_first=5, fail_status=503) as receiver:
@@ -94,13 +122,6 @@ def test_alerts_from_kafka_reach_a_flaky_webhook_once_each_in_order_and_signed(s
         finally:
             store.close()
         assert len(invalid) == 1 and "change_id" in invalid[0].error and invalid[0].topic == topics.ALERTS.name
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
     assert process.returncode == 0, log_path.read_text()[-3000:]
     output = log_path.read_text()
     assert f"skipped {topics.ALERTS.name}[" in output and "not a valid AlertChange" in output

@@ -4,10 +4,6 @@ projection writer keeps every change in `churn_alerts`."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -16,32 +12,18 @@ import pytest
 
 from schemas.alerts import AlertChange
 from services.alerts.signing import verify
-from services.ingest.keys import ApiKeyStore
-from streams.config import PROJECT_ROOT
 from tests.factories import encoded, event
-from tests.integration.conftest import _free_port
-from tests.integration.test_alert_delivery import _health, _wait
+from tests.integration.test_alert_delivery import _wait, alert_service
 from tests.unit.test_alert_delivery import Receiver, requested_order
 
 pytestmark = pytest.mark.integration
 
 
 def test_worker_alerts_reach_a_recovering_webhook_signed_and_in_order_and_land_in_clickhouse(stack, tmp_path):
-    keys = ApiKeyStore(stack.settings.ingest_db)
-    _, api_key = keys.create("backoffice", "churn alerts end to end")
-    keys.close()
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CRM_ALERTS_HOST": "127.0.0.1", "CRM_ALERTS_PORT": str(port),
-           "CRM_ALERTS_BACKOFF_BASE_SECONDS": "0.05", "CRM_ALERTS_BACKOFF_CAP_SECONDS": "0.3"}
-    log_path = tmp_path / "alerts.log"
-    with open(log_path, "ab") as log:
-        service = subprocess.Popen([sys.executable, "-m", "services.cli", "alerts"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, start_new_session=True)
     store_id = f"churn-{uuid.uuid4().hex[:8]}"
     customers = [f"{store_id}-c{n}" for n in range(4)]
-    try:
-        _wait(lambda: (_health(url) or {}).get("consumer") == "running", 60, f"crm alerts to run (log {log_path})")
+    with alert_service(stack, tmp_path, backoff_cap_seconds="0.3") as service:
+        url, api_key = service.url, service.api_key
         with Receiver(fail_first=6, fail_status=503) as receiver:
             created = httpx.post(f"{url}/v1/webhooks", headers={"Authorization": f"Bearer {api_key}"},
                                  json={"url": receiver.url, "filters": {"stores": [store_id]}})
@@ -90,11 +72,4 @@ def test_worker_alerts_reach_a_recovering_webhook_signed_and_in_order_and_land_i
             # Per customer, in the order the worker made them (versions 1, 2, ...).
             want = {customer: [change_id for c, change_id, _, _ in rows if c == customer] for customer in customers}
             assert requested_order(receiver.all()) == want
-    finally:
-        service.send_signal(signal.SIGTERM)
-        try:
-            service.wait(30)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            raise
-    assert service.returncode == 0, log_path.read_text()[-3000:]
+    assert service.process.returncode == 0, service.log_path.read_text()[-3000:]

@@ -366,8 +366,8 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
         news = profile.figures() != state.profile.figures()
         # A churn deadline may pass with nothing to show (a window moved, no indicator turned); the
         # customer is still saved then, to list the next one.
-        rescheduled = _next_due(state.churn, profile, account, rules, boundaries, model) != state.due_ms
-        if not (loyalty or news or alerts or rescheduled):
+        due = _next_due(state.churn, profile, account, rules, boundaries, model)
+        if not (loyalty or news or alerts or due != state.due_ms):
             # Nothing due after all (a stale listing), or applied before a crash lost the rest of
             # this tick's writes: then its outputs are in the outbox, to be sent again.
             if state.touched_at(record.offset):
@@ -382,7 +382,7 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
             # A new version only when a figure changed, not for the clock alone.
             state.profile = replace(profile, version=profile.version + 1)
             customer_outputs.insert(0, ProfileChanged(state.profile))
-        _save(store, state, record, customer_outputs, rules, committed_offset, boundaries, timers, model)
+        _save(store, state, record, customer_outputs, rules, committed_offset, boundaries, timers, model, due)
         outputs.extend(customer_outputs)
     timers.clock_ms = now
     timers.record_sweep(record.offset, changed, committed_offset)
@@ -443,15 +443,21 @@ def _next_due(churn_state: Any, profile: CustomerProfile, account: ledger.Accoun
     return min((d for d in deadlines if d is not None), default=None)
 
 
+class _Unknown:
+    """`_save`'s deadline when the caller has not computed it."""
+
+
 def _save(store: MutableMapping[str, Any], state: CustomerState, record: SourceRecord,
           outputs: list[Output], rules: Rulebooks, committed_offset: int,
           boundaries: SegmentBoundaries | None, timers: PartitionTimers | None = None,
-          model: ChurnModelPublished | None = None) -> None:
+          model: ChurnModelPublished | None = None, due: int | None | type[_Unknown] = _Unknown) -> None:
     """Write the customer's state, listing its next deadline in the timers first: if a crash loses
     the tail of the changelog, it loses the state write (and the record is applied again) rather
-    than leaving a state whose deadline nobody will wake."""
-    # A profile merged into a customer's stays as it was at the link: time no longer moves it.
-    due = None if state.linked_to else _next_due(state.churn, state.profile, state.account, rules, boundaries, model)
+    than leaving a state whose deadline nobody will wake. `due` is that deadline when the caller
+    has just computed it."""
+    if due is _Unknown:
+        # A profile merged into a customer's stays as it was at the link: time no longer moves it.
+        due = None if state.linked_to else _next_due(state.churn, state.profile, state.account, rules, boundaries, model)
     if due is not None and due != state.due_ms:
         (timers or PartitionTimers(store, record.partition)).add(state.account.customer_key, due)
     state.due_ms = due

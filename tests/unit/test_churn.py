@@ -276,3 +276,18 @@ def test_without_ticks_an_event_after_a_deadline_first_raises_what_time_did_then
     opened, resolved = log.alerts()
     assert (opened.status, opened.occurred_at, opened.cause.type) == ("opened", last + timedelta(days=20, milliseconds=1), "time")
     assert (resolved.status, resolved.occurred_at, resolved.cause.event_type) == ("resolved", back, "purchase_completed")
+
+
+def test_a_bad_churn_model_record_is_dead_lettered_and_the_worker_goes_on():
+    from streams.pipeline import DeadLetter
+
+    log = Log()
+    at = START
+    misrouted = ChurnModelPublished(event_id=uuid.uuid4(), occurred_at=at, partition=1, model_id="m", **MODEL)
+    [letter] = log.append(b"churn-model", orjson.dumps(misrouted.model_dump(mode="json")), at)
+    assert isinstance(letter, DeadLetter) and letter.reason == "misrouted_churn_model"
+    invalid = {**misrouted.model_dump(mode="json"), "partition": 0, "r": -1}
+    [letter] = log.append(b"churn-model", orjson.dumps(invalid), at)
+    assert isinstance(letter, DeadLetter) and letter.reason == "schema_invalid" and "r" in letter.detail
+    regular_buyer(log)
+    assert load_customer(log.store, "c-1").profile.churn_model_id == ""

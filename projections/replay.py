@@ -1,7 +1,7 @@
 """Rebuild every projection from the beginning of the log, beside the live tables, then swap.
 
 The projections are a function of two logs kept forever: `crm.events` (folded again here with
-the same pure `pipeline.process` the worker runs, state in a scratch RocksDB) and
+the same batch fold the worker runs, `streams.batch.fold_batch`, state in a scratch RocksDB) and
 `crm.events.deadletter` (the `dead_letters` table is its projection, and the ingestion API's dead
 letters are only there). The rows go through the projection writer's own row makers into
 `<table>__rebuild` tables created like the live ones, while the live tables keep serving:
@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +30,15 @@ import orjson
 from clickhouse_connect.driver.client import Client
 from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
-from rocksdict import Options, Rdict
 
 from projections.writer import COLUMNS, SINKS
 from streams import topics
-from streams.codec_table import CodecTable
+from streams.batch import fold_batch
 from streams.config import Settings
-from streams.pipeline import SeenEvent, SourceRecord, process
-from streams.records import topic_record
+from streams.records import SourceRecord
 from streams.rulebooks import Rulebooks
+from streams.state import PartitionState
+from streams.state_rocksdb import RocksDBBackend
 
 REBUILD, REPLACED = "__rebuild", "__replaced"
 TABLES = list(COLUMNS)
@@ -75,19 +75,19 @@ class Rebuild:
                                  max_poll_records=5000, fetch_max_bytes=64 * 1024 * 1024)
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.scratch.mkdir(parents=True)
-        state = Rdict(str(self.scratch), Options(raw_mode=True))
+        backends = {p: RocksDBBackend(self.scratch / str(p)) for p in range(topics.EVENT_PARTITIONS)}
+        states = {p: PartitionState(p, backend, self.settings.state_cache_keys) for p, backend in backends.items()}
         try:
-            store: CodecTable[Any] = CodecTable(state)
-            seen = CodecTable(state, SeenEvent.from_list, SeenEvent.to_list)
             built_until = self._end_offsets(consumer)
-            self._read(consumer, built_until, store, seen, suffix=REBUILD)
+            self._read(consumer, built_until, states, suffix=REBUILD)
             build_seconds = time.monotonic() - started
             self.swap()
-            self._read(consumer, self._end_offsets(consumer), store, seen, suffix="")
+            self._read(consumer, self._end_offsets(consumer), states, suffix="")
         finally:
             consumer.close()
-            state.close()
-            Rdict.destroy(str(self.scratch))
+            for backend in backends.values():
+                backend.destroy()
+            shutil.rmtree(self.scratch, ignore_errors=True)
         return {"records": self.records_read, "build_seconds": build_seconds,
                 "records_per_second": self.records_read / max(build_seconds, 1e-9)}
 
@@ -110,8 +110,10 @@ class Rebuild:
                       for p in range(spec.partitions)]
         return consumer.end_offsets(partitions)
 
-    def _read(self, consumer: KafkaConsumer, until: dict[TopicPartition, int], store: MutableMapping[str, Any],
-              seen: MutableMapping[str, SeenEvent], suffix: str) -> None:
+    def _read(self, consumer: KafkaConsumer, until: dict[TopicPartition, int], states: dict[int, PartitionState],
+              suffix: str) -> None:
+        """Fold the events in the batches the consumer hands over, exactly as the worker does
+        (streams/batch.py), and turn their outputs and the dead letters into rows."""
         wanted = [tp for tp, end in until.items() if self.positions.get(tp, 0) < end]
         total = sum(until.values())
         if not wanted:
@@ -121,29 +123,31 @@ class Rebuild:
             consumer.seek(tp, self.positions.get(tp, 0))
         rows: dict[str, list[list[Any]]] = defaultdict(list)
         while any(self.positions.get(tp, 0) < until[tp] for tp in wanted):
+            events: list[SourceRecord] = []
             for tp, records in consumer.poll(timeout_ms=1000).items():
                 for record in records:
                     if record.offset >= until[tp]:
                         consumer.pause(tp)
                         break
-                    self._apply(record, store, seen, rows)
+                    if record.topic == topics.DEAD_LETTERS.name:
+                        self._rows(Record(record.topic, record.partition, record.offset, record.key,
+                                          record.value or b"", list(record.headers or [])), rows)
+                    else:
+                        events.append(SourceRecord(record.key, record.value or b"", record.partition, record.offset,
+                                                   record.timestamp, record.topic))
                     self.positions[tp] = record.offset + 1
                     self.records_read += 1
+            # Every output goes straight to a table, so everything before a record counts as delivered.
+            self._output_rows(fold_batch(events, states.__getitem__, self.rules), rows)
+            for state in states.values():
+                state.flush()
             self._insert(rows, suffix, at_least=INSERT_EVERY)
             self.progress(sum(self.positions.values()), total)
         self._insert(rows, suffix, at_least=1)
 
-    def _apply(self, record: Any, store: MutableMapping[str, Any], seen: MutableMapping[str, SeenEvent],
-               rows: dict[str, list[list[Any]]]) -> None:
-        if record.topic == topics.DEAD_LETTERS.name:
-            self._rows(Record(record.topic, record.partition, record.offset, record.key, record.value or b"",
-                              list(record.headers or [])), rows)
-            return
-        source = SourceRecord(record.key, record.value or b"", record.partition, record.offset, record.timestamp,
-                              record.topic)
-        # Every output goes straight to a table, so everything before this record counts as delivered.
-        for output in process(source, store, seen, self.rules, committed_offset=record.offset):
-            sent = topic_record(output)
+    def _output_rows(self, outputs: list[Any], rows: dict[str, list[list[Any]]]) -> None:
+        for output in outputs:
+            sent = output.to_record()
             if sent is None or sent.topic not in SINKS or sent.topic == topics.DEAD_LETTERS.name:
                 continue  # dead letters come from their own log; forwards are in crm.events already
             partition = (murmur2(sent.key) & 0x7FFFFFFF) % topics.EVENT_PARTITIONS if sent.key else 0

@@ -107,18 +107,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import shutil
-
     from deploy.topics import ensure_start_offsets
     from streams import topics
-    from streams.app import app
+    from streams.runtime.app import app
 
-    # The local RocksDB tables are a cache of the changelog topics; rebuild them from the changelog on
-    # every start. Faust's recovery otherwise keeps local writes whose changelog messages never
-    # reached Kafka and then replays the changelog tail over them, which can roll one key back while
-    # keeping a newer value of another: a mix the partition timers and the customer states must not
-    # see (a customer rolled back to before a tick that the timers already count as applied).
-    shutil.rmtree(app.conf.tabledir, ignore_errors=True)
     ensure_start_offsets(settings(), topics.WORKER_APP_ID, topics.EVENTS)
     # No Faust web server: nothing uses it, and it would bind 0.0.0.0:6066 (one worker per host).
     sys.argv = ["crm-worker", "worker", "--without-web", "--loglevel", args.loglevel]

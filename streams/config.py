@@ -32,6 +32,12 @@ class Settings:
     # How often the worker's leader writes a clock tick to every events partition (schemas/clock.py);
     # 0 turns the clock off (tests that write their own ticks).
     tick_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_TICK_SECONDS", "60")))
+    # The worker's batches (streams/runtime/app.py): at most this many records, gathered for at most
+    # this long; and how many state values per partition it keeps in memory (as bytes), in
+    # front of RocksDB (streams/state.py).
+    worker_batch_size: int = field(default_factory=lambda: int(os.environ.get("CRM_WORKER_BATCH_SIZE", "2000")))
+    worker_batch_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_WORKER_BATCH_SECONDS", "0.1")))
+    state_cache_keys: int = field(default_factory=lambda: int(os.environ.get("CRM_STATE_CACHE_KEYS", "20000")))
     # How often the projection writer recomputes the population boundaries of value tiers and RFM
     # scores and appends them to the events log (projections/boundaries.py); 0 turns that off.
     boundaries_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_BOUNDARIES_SECONDS", "3600")))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, MutableMapping, Union
+from typing import Any, MutableMapping
 
 from schemas.alerts import ChurnModelPublished
 from schemas.boundaries import SegmentBoundaries
@@ -38,20 +38,15 @@ from streams.loyalty import ledger
 from streams.loyalty.calendar import to_ms
 from streams import profile as profiles
 from streams.profile import CustomerProfile
+from streams.outputs import (
+    OUTBOX, Accepted, AlertChanged, BalanceChanged, BoundariesApplied, ChurnModelApplied, DeadLetter, Duplicate, Forward,
+    LedgerEntry, Output, ProfileChanged, SegmentChanged,
+)
+from streams.records import SourceRecord
 from streams.rulebooks import Rulebooks
 from streams.segments import membership
 from streams.segments.population import PartitionSegments
 from streams.timers import PartitionTimers
-
-
-@dataclass(frozen=True, slots=True)
-class SourceRecord:
-    key: bytes | None
-    value: bytes
-    partition: int
-    offset: int
-    timestamp_ms: int
-    topic: str = "crm.events"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,92 +63,6 @@ class SeenEvent:
         return cls(*data)
 
 
-# --- outputs ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    event: Envelope
-    record: SourceRecord
-    attributed_from: str = ""  # the alias key, for an event that came with only an alias
-
-
-@dataclass(frozen=True, slots=True)
-class ProfileChanged:
-    profile: CustomerProfile
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    """A points movement or a tier change (`data["entry"]` says which), for the ledger topic."""
-    customer_key: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentChanged:
-    """A customer entered a segment (and left the previous one), for the segment-changes topic."""
-    customer_key: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class BoundariesApplied:
-    """Segment boundaries now in force in a partition, for the segment-changes topic (keyed by the
-    boundaries id: every partition sends the same row)."""
-    boundaries_id: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class AlertChanged:
-    """A churn alert opened, updated, resolved or expired (schemas/alerts.py AlertChange), for the
-    alerts topic."""
-    customer_key: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class ChurnModelApplied:
-    """A churn model now in force in a partition, for the churn-models topic (keyed by model id)."""
-    model_id: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """A record the worker appends to the events topic itself (schemas/identity.py)."""
-    key: str
-    record: dict[str, Any]
-
-    @property
-    def data(self) -> dict[str, Any]:
-        return {"entry": "forward", "key": self.key, "record": self.record}
-
-
-@dataclass(frozen=True, slots=True)
-class BalanceChanged:
-    customer_key: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    reason: str
-    detail: str
-    record: SourceRecord
-
-
-@dataclass(frozen=True, slots=True)
-class Duplicate:
-    """Not sent anywhere; reported so that the worker can count what it ignored."""
-    event_id: str
-    record: SourceRecord
-
-
-Output = Union[Accepted, ProfileChanged, LedgerEntry, SegmentChanged, BoundariesApplied, AlertChanged,
-               ChurnModelApplied, Forward, BalanceChanged, DeadLetter, Duplicate]
-# Outputs that are not snapshots: kept in the customer's outbox until their record is committed.
-_OUTBOX = (LedgerEntry, SegmentChanged, AlertChanged, Forward)
 # Events kept per unlinked alias for attribution at the link; later ones stay only with the alias.
 HELD_LIMIT = 500
 
@@ -461,7 +370,7 @@ def _save(store: MutableMapping[str, Any], state: CustomerState, record: SourceR
     if due is not None and due != state.due_ms:
         (timers or PartitionTimers(store, record.partition)).add(state.account.customer_key, due)
     state.due_ms = due
-    state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, _OUTBOX)], committed_offset)
+    state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, OUTBOX)], committed_offset)
     store[customer_store_key(state.account.customer_key)] = state.to_dict()
 
 

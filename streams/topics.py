@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 # fixed for the life of a cluster: per-customer state records source offsets, which are only
 # comparable within one partition.
 EVENT_PARTITIONS = 6
-WORKER_APP_ID = "crm-worker"
+# The worker's consumer group and the prefix of its topics. "-2" since the worker owns its state
+# store (streams/runtime/state_store.py): a worker of the new kind must not take over the committed
+# offsets of one whose state lived in Faust tables, so an upgraded stack folds the log again.
+WORKER_APP_ID = "crm-worker-2"
 
 KEEP_FOREVER = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
 COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
@@ -66,12 +69,11 @@ CHURN_MODELS = TopicSpec(
 )
 
 
-def changelog(table: str) -> TopicSpec:
-    """Faust's changelog topic for a table; co-partitioned with the events topic."""
-    return TopicSpec(
-        f"{WORKER_APP_ID}-{table}-changelog", EVENT_PARTITIONS, COMPACTED,
-        f"Changelog of the worker's {table!r} state table, compacted.",
-    )
+STATE_CHANGELOG = TopicSpec(
+    f"{WORKER_APP_ID}-state-changelog", EVENT_PARTITIONS, COMPACTED,
+    "Changelog of the worker's state (streams/runtime/state_store.py), partition for partition with "
+    "crm.events: one record per key a batch changed. Compacted.",
+)
 
 
 # Faust's own coordination topic. Created here like every other topic, so that the worker never
@@ -79,10 +81,7 @@ def changelog(table: str) -> TopicSpec:
 ASSIGNOR_LEADER = TopicSpec(f"{WORKER_APP_ID}-__assignor-__leader", 1, {"cleanup.policy": "delete"},
                             "Faust's partition-assignor leader election.")
 
-CUSTOMER_STATE_TABLE = "customer_state"
-SEEN_EVENTS_TABLE = "seen_events"
-
 ALL_TOPICS = (
     EVENTS, DEAD_LETTERS, ACCEPTED, PROFILES, POINTS_LEDGER, POINTS_BALANCES, SEGMENT_CHANGES, ALERTS, CHURN_MODELS,
-    changelog(CUSTOMER_STATE_TABLE), changelog(SEEN_EVENTS_TABLE), ASSIGNOR_LEADER,
+    STATE_CHANGELOG, ASSIGNOR_LEADER,
 )

@@ -1,9 +1,12 @@
-"""Fixes to the Kafka clients under faust-streaming, applied when the worker's app is created.
+"""The one place that touches private parts of faust-streaming and aiokafka. Version-pinned:
+`apply` refuses other versions, so an upgrade makes someone check whether each piece is still
+needed (tests/unit/test_faust_adapter.py checks each against the installed libraries).
 
-All close one hole: records skipped for good after a worker restart. At a rebalance Faust throws
-away the records it fetched for the streams while the flow was suspended (restoring tables), then
-seeks every partition back to its committed offset to read them again. Two things defeated the
-second read, and the crash test (SIGKILL mid-stream, restart, compare) showed the skipped records:
+1. Fixes to the Kafka clients, applied when the worker's app is created. All close one hole: records
+skipped for good after a worker restart. At a rebalance Faust throws away the records it fetched for
+the streams while the flow was suspended, then seeks every partition back to its committed offset
+to read them again. Two things defeated the second read, and the crash test (SIGKILL mid-stream,
+restart, compare) showed the skipped records:
 
 - Faust's fetch loop (`Consumer._drain_messages`) recorded each thrown-away record's offset as read,
   so after the seek the same records counted as already read and were dropped once more: never
@@ -11,12 +14,14 @@ second read, and the crash test (SIGKILL mid-stream, restart, compare) showed th
 - aiokafka's `seek_to_committed` moves a partition only when its committed offset is above 0, so a
   partition whose committed offset is 0 kept its fetch position past the thrown-away records.
 
-What still slips through is caught by the worker (streams/app.py, `Continuity`): it notices a gap,
+2. What still slips through is caught by `Continuity`: it notices a gap in a partition's records,
 records in `Consumer._sought` the offset it seeks back to, and the fetch loop below then drops the
 stale records fetched before that seek instead of letting them move the read offset ahead again.
 
-Each function below is the library's own, with the one change marked. Version-pinned: `apply`
-refuses other versions, so an upgrade makes someone check whether the fix is still needed."""
+3. `committed_offset`: the consumer's last committed offset of a partition, which Faust keeps in a
+private mapping.
+
+Each patched function below is the library's own, with the one change marked."""
 
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from mode import Service, ServiceT
 
 PATCHED_FOR = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
 aiokafka_log = logging.getLogger("aiokafka.consumer.consumer")
+log = logging.getLogger("crm.worker")
 
 
 async def _drain_messages(self: Any, fetcher: ServiceT) -> None:
@@ -151,8 +157,59 @@ async def seek_to_committed(self: Any, *partitions: TopicPartition) -> dict[Topi
 def apply() -> None:
     found = {"faust-streaming": faust.__version__, "aiokafka": aiokafka.__version__}
     if found != PATCHED_FOR:
-        raise RuntimeError(f"streams/kafka_fixes.py patches {PATCHED_FOR}, found {found}: check whether the "
+        raise RuntimeError(f"streams/runtime/faust_adapter.py patches {PATCHED_FOR}, found {found}: check whether the "
                            "fixes are still needed, then update or remove them")
     faust_consumer.Consumer._drain_messages = _drain_messages  # type: ignore[method-assign]
     faust_consumer.Consumer._sought = {}  # tp -> offset a seek went back to; see _drain_messages
     AIOKafkaConsumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign]
+
+
+def committed_offset(app: faust.App, topic: str, partition: int) -> int:
+    """The consumer's last committed offset for a source partition, or -1 when unknown. Faust
+    flushes the producer before it commits, and the agent acknowledges a batch only after flushing
+    its outputs, so every output of an earlier record was delivered. (-1 only makes the outbox keep
+    more than it must.)"""
+    committed = getattr(app.consumer, "_committed_offset", {})
+    for tp, offset in committed.items():
+        if tp.topic == topic and tp.partition == partition and offset is not None:
+            return offset
+    return -1
+
+
+class Continuity:
+    """Makes sure the agent sees every record of each events partition, in order, even when the
+    consumer skips some. faust-streaming 0.15.3 can pass over records around a restart's rebalance
+    (it throws away what it fetched while restoring tables, and its read offsets can then run ahead
+    of the re-read; see the fixes above): the crash test lost records that way. The pipeline
+    must not see a later record first (its per-customer offset guard would then take the skipped one
+    for a redelivery), so a record after a gap is set aside and the partition sought back to the
+    first missing offset, as often as stale records keep arriving. The events topic is never
+    compacted nor written with transactions, so it has no gaps of its own."""
+
+    def __init__(self, app: faust.App):
+        self.app = app
+        self.expected: dict[Any, int] = {}
+
+    def forget(self, partitions: set[Any]) -> None:
+        for tp in partitions:
+            self.expected.pop(tp, None)
+
+    async def in_order(self, message: Any) -> bool:
+        tp = message.tp
+        expected = self.expected.get(tp)
+        if expected is None:
+            committed = committed_offset(self.app, tp.topic, tp.partition)
+            expected = committed if committed >= 0 else message.offset
+        if message.offset > expected:
+            if self.expected.get(tp) != expected:
+                log.warning("records from %d of %s[%d] were skipped by the consumer; reading them again",
+                            expected, tp.topic, tp.partition)
+            self.expected[tp] = expected
+            consumer = self.app.consumer
+            consumer._sought[tp] = expected  # see _drain_messages
+            await consumer.seek_wait({tp: expected})
+            consumer._read_offset[tp] = expected
+            return False
+        # An older record (after a seek) is a redelivery to the pipeline; it never moves us back.
+        self.expected[tp] = max(expected, message.offset + 1)
+        return True

@@ -5,10 +5,13 @@ Runs the simulated workload's records (ticks included) through, in one process a
   no_points     `pipeline.process` with the ledger switched off: decode, de-duplication
                 (fingerprints), profile, state round-tripped through JSON bytes as the RocksDB
                 table does: the worker's work before the points path;
-  full          `pipeline.process` as the worker runs it: plus points ledger, ticks, timers, outbox.
+  full          `pipeline.process` record by record, state round-tripped through bytes per record (the
+                worker before it folded in batches): plus points ledger, ticks, timers, outbox;
+  batched       `batch.fold_batch` as the worker runs it now: batches of --batch records against
+                per-partition state cached in memory and flushed once per batch (streams/state.py).
 The ratio full / no_points is the points path's effect on the worker's per-record CPU.
 
-    python -m bench.fold_cost [--customers 1000] [--days 45] [--repeat 3]"""
+    python -m bench.fold_cost [--customers 1000] [--days 45] [--repeat 3] [--batch 2000]"""
 
 from __future__ import annotations
 
@@ -18,10 +21,7 @@ import statistics
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterator, MutableMapping
 from typing import Any
-
-import orjson
 
 from schemas.codec import DecodeError, decode_event
 from services.simulator import Simulator, Workload
@@ -29,30 +29,11 @@ from streams import topics
 from streams.config import settings
 from streams.loyalty import ledger
 from streams.rulebooks import load_rulebooks
-from streams.pipeline import SourceRecord, process
+from streams.batch import fold_batch
+from streams.pipeline import process
+from streams.records import SourceRecord
+from streams.state import MemoryBackend, PartitionState
 from streams.profile import fold_profile
-
-
-class BytesTable(MutableMapping[str, Any]):
-    """A dict that stores values as orjson bytes, like the worker's RocksDB-backed tables."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    def __getitem__(self, key: str) -> Any:
-        return orjson.loads(self.data[key])
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.data[key] = orjson.dumps(value)
-
-    def __delitem__(self, key: str) -> None:
-        del self.data[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.data)
-
-    def __len__(self) -> int:
-        return len(self.data)
 
 
 def records(customers: int, days: int) -> list[SourceRecord]:
@@ -86,9 +67,23 @@ def no_points(batch: list[SourceRecord]) -> None:
 
 def full(batch: list[SourceRecord]) -> None:
     rules = load_rulebooks(settings())
-    store, seen = BytesTable(), {}
+    # No cache: every state read decodes its bytes, every record writes its changes back.
+    states = {p: PartitionState(p, MemoryBackend(), cache_limit=0) for p in range(topics.EVENT_PARTITIONS)}
     for record in batch:
-        process(record, store, seen, rules)
+        state = states[record.partition]
+        for output in process(record, state.store, state.seen, rules):
+            output.to_record()
+        state.flush()
+
+
+def batched(batch: list[SourceRecord], size: int = 2000) -> None:
+    rules = load_rulebooks(settings())
+    states = {p: PartitionState(p, MemoryBackend()) for p in range(topics.EVENT_PARTITIONS)}
+    for start in range(0, len(batch), size):
+        for output in fold_batch(batch[start:start + size], states.__getitem__, rules, {}):
+            output.to_record()
+        for state in states.values():
+            state.flush()
 
 
 def main() -> None:
@@ -96,13 +91,16 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=1000)
     parser.add_argument("--days", type=int, default=45)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2000)
     args = parser.parse_args()
     batch = records(args.customers, args.days)
     print(f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
           f"{platform.node()}; records: {len(batch)}")
     results: dict[str, list[float]] = defaultdict(list)
     for _ in range(args.repeat):  # interleaved, so that machine noise hits both alike
-        for name, run in (("profile_only", profile_only), ("no_points", no_points), ("full", full)):
+        runs = (("profile_only", profile_only), ("no_points", no_points), ("full", full),
+                ("batched", lambda records: batched(records, args.batch)))
+        for name, run in runs:
             started = time.perf_counter()
             run(batch)
             results[name].append(len(batch) / (time.perf_counter() - started))

@@ -33,6 +33,7 @@ from schemas.codec import DecodeError, decode_catalog_event, decode_event, finge
 from schemas.identity import AliasEventAttributed, AliasLinked, derived_id
 from schemas.envelope import Envelope
 from streams.churn import fold as churn
+from streams.churn.state import ChurnState
 from streams.customer import CustomerState
 from streams.loyalty import ledger
 from streams.loyalty.calendar import to_ms
@@ -72,8 +73,9 @@ def customer_store_key(customer_key: str) -> str:
 
 
 def load_customer(store: MutableMapping[str, Any], customer_key: str) -> CustomerState | None:
-    data = store.get(customer_store_key(customer_key))
-    return None if data is None else CustomerState.from_dict(data)
+    """The customer's state, as the fold's working copy: whatever a record changes in it, the
+    record writes back (`_save`) before it ends (streams/state.py)."""
+    return store.get(customer_store_key(customer_key))
 
 
 def process(
@@ -269,13 +271,15 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
             passed += rescored
         profile = _with_loyalty(profile, account)
         alerts: list[dict[str, Any]] = []
+        # The churn fold changes its state in place; a customer the tick leaves unchanged keeps its own.
+        churn_state = ChurnState.from_dict(state.churn.to_dict())
         if profile.customer_id is not None:
-            profile, alerts = churn.after_time(profile, state.churn, account, model, rules.churn,
+            profile, alerts = churn.after_time(profile, churn_state, account, model, rules.churn,
                                                state.profile.clock_ms)
         news = profile.figures() != state.profile.figures()
         # A churn deadline may pass with nothing to show (a window moved, no indicator turned); the
         # customer is still saved then, to list the next one.
-        due = _next_due(state.churn, profile, account, rules, boundaries, model)
+        due = _next_due(churn_state, profile, account, rules, boundaries, model)
         if not (loyalty or news or alerts or due != state.due_ms):
             # Nothing due after all (a stale listing), or applied before a crash lost the rest of
             # this tick's writes: then its outputs are in the outbox, to be sent again.
@@ -283,7 +287,7 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
                 changed.append(customer_key)
                 outputs.extend(_resend(state, record.offset))
             continue
-        state.account, state.profile = account, profile
+        state.account, state.profile, state.churn = account, profile, churn_state
         changed.append(customer_key)
         customer_outputs = (_segment_outputs(customer_key, passed) + _loyalty_outputs(customer_key, loyalty)
                             + _alert_outputs(customer_key, alerts))
@@ -371,7 +375,7 @@ def _save(store: MutableMapping[str, Any], state: CustomerState, record: SourceR
         (timers or PartitionTimers(store, record.partition)).add(state.account.customer_key, due)
     state.due_ms = due
     state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, OUTBOX)], committed_offset)
-    store[customer_store_key(state.account.customer_key)] = state.to_dict()
+    store[customer_store_key(state.account.customer_key)] = state
 
 
 def _segment_outputs(customer_key: str, changes: list[membership.SegmentChange]) -> list[Output]:

@@ -35,6 +35,7 @@ from streams.records import SourceRecord, TopicRecord
 from streams.rulebooks import Rulebooks, load_rulebooks
 from streams.runtime import faust_adapter
 from streams.runtime.faust_adapter import Continuity, committed_offset
+from streams.runtime.failpoints import Failpoints
 from streams.runtime.state_store import StateStore
 
 log = logging.getLogger("crm.worker")
@@ -71,6 +72,7 @@ class BatchRunner:
     def __init__(self, app: faust.App, state: StateStore, rules: Rulebooks):
         self.app, self.state, self.rules = app, state, rules
         self.continuity = Continuity(app)
+        self.failpoints = Failpoints()
         self.assigned: set[int] = set()
         self.counts: Counter[str] = Counter()
 
@@ -83,7 +85,9 @@ class BatchRunner:
             await self.state.open(partitions)
             committed = {p: committed_offset(self.app, topics.EVENTS.name, p) for p in partitions}
             outputs = fold_batch(records, self.state.state_of, self.rules, committed)
+            self.failpoints.reach("batch.folded")
             await self._flush(outputs)
+            self.failpoints.reach("flush.state_written")
         self._count(outputs)
 
     async def _record(self, message: Any) -> SourceRecord | None:
@@ -105,6 +109,7 @@ class BatchRunner:
             except (KafkaError, asyncio.TimeoutError) as exc:  # Kafka unreachable or refusing: the batch waits
                 log.warning("sending a batch failed (%r); trying again in %.0fs", exc, SEND_RETRY_SECONDS)
                 await asyncio.sleep(SEND_RETRY_SECONDS)
+        self.failpoints.reach("flush.acknowledged")
         self.state.flushed(offsets)
 
     async def _send_all(self, changelog: dict[int, list[TopicRecord]], outputs: list[TopicRecord]) -> dict[int, int]:
@@ -112,6 +117,10 @@ class BatchRunner:
         pending: dict[int, list[Any]] = {}
         for partition, records in changelog.items():
             pending[partition] = [await producer.send(r.topic, r.key, r.value, partition, None, None) for r in records]
+        if pending and self.failpoints.armed("flush.changelog_sent"):
+            # Only for the crash test: make "the changelog in Kafka, the outputs not" a real state.
+            await producer.flush()
+            self.failpoints.reach("flush.changelog_sent")
         for record in outputs:
             await producer.send(record.topic, record.key, record.value, None, None, record.headers or None)
         await producer.flush()

@@ -1,6 +1,7 @@
 """What happens to one record of the events topic, as a pure function of the record and the state
-it finds. The Faust agent (app.py) only feeds records in and sends the outputs; tests and the
-replay checker call `process` directly with dictionaries as state.
+it finds. The worker and the rebuild fold batches of records through it (streams/batch.py); tests
+call `process` directly with dictionaries as state. One handler per kind of record (`_handle`),
+each given the record's `Fold`: the record and the state it is folded against.
 
 Customer events are folded into the customer's profile and loyalty account. The platform appends
 records of its own: clock ticks (schemas/clock.py), which bring every customer of the partition with
@@ -23,6 +24,7 @@ than the partition's clock was applied before, and only re-sends what it changed
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import singledispatch
 from datetime import UTC, datetime
 from typing import Any, MutableMapping
 
@@ -78,6 +80,43 @@ def load_customer(store: MutableMapping[str, Any], customer_key: str) -> Custome
     return store.get(customer_store_key(customer_key))
 
 
+@dataclass(slots=True)
+class Fold:
+    """One record's fold: the record, the state it meets, the rules, and the source partition's
+    committed offset (everything before it was delivered; used only to forget outputs that no
+    redelivery can ask for again). The partition's timers and segments are read once per record,
+    when first needed, and shared by every customer the record changes."""
+    record: SourceRecord
+    store: MutableMapping[str, Any]
+    seen: MutableMapping[str, SeenEvent]
+    rules: Rulebooks
+    committed_offset: int
+    _timers: PartitionTimers | None = None
+    _segments: PartitionSegments | None = None
+
+    @property
+    def timers(self) -> PartitionTimers:
+        if self._timers is None:
+            self._timers = PartitionTimers(self.store, self.record.partition)
+        return self._timers
+
+    @property
+    def segments(self) -> PartitionSegments:
+        if self._segments is None:
+            self._segments = PartitionSegments(self.store, self.record.partition)
+        return self._segments
+
+    def dead_letter(self, reason: str, detail: str) -> list[Output]:
+        return [DeadLetter(reason, detail, self.record)]
+
+    def misrouted(self, what: str, partition: int) -> list[Output] | None:
+        """A dead letter for a platform record that names another partition than the one it is in."""
+        if partition == self.record.partition:
+            return None
+        return self.dead_letter(f"misrouted_{what}", f"{what.replace('_', ' ')} for partition {partition} found in "
+                                                     f"partition {self.record.partition}")
+
+
 def process(
     record: SourceRecord,
     store: MutableMapping[str, Any],
@@ -85,62 +124,62 @@ def process(
     rules: Rulebooks,
     committed_offset: int = -1,
 ) -> list[Output]:
-    """The outputs of one record. `store` holds customer states and the partition's timers;
-    `committed_offset` is the source partition's committed offset (everything before it was
-    delivered), used only to forget outputs that no redelivery can ask for again."""
-    decoded = decode_event(record.value)
-    if isinstance(decoded, DecodeError):
-        return [DeadLetter(decoded.reason, decoded.detail, record)]
-    if isinstance(decoded, ClockTick):
-        return _tick(decoded, record, store, rules, committed_offset)
-    if isinstance(decoded, SegmentBoundaries):
-        return _boundaries(decoded, record, store)
-    if isinstance(decoded, ChurnModelPublished):
-        return _churn_model(decoded, record, store)
-    if isinstance(decoded, AliasLinked):
-        return _alias_linked(decoded, record, store, rules, committed_offset)
-    if isinstance(decoded, AliasEventAttributed):
-        inner = decode_catalog_event(decoded.event)
-        if isinstance(inner, DecodeError):
-            return [DeadLetter(inner.reason, f"attributed event: {inner.detail}", record)]
-        event = inner.model_copy(update={"customer_id": decoded.customer_id})
-        return _event(event, record, store, seen_events, rules, committed_offset, str(decoded.event_id), decoded.alias_key)
-    return _event(decoded, record, store, seen_events, rules, committed_offset)
+    """The outputs of one record. `store` holds customer states and the partition's timers and
+    segments; `seen_events` the event ids accepted; see `Fold` for `committed_offset`."""
+    return _handle(decode_event(record.value), Fold(record, store, seen_events, rules, committed_offset))
 
 
-def _event(event: Envelope, record: SourceRecord, store: MutableMapping[str, Any],
-           seen_events: MutableMapping[str, SeenEvent], rules: Rulebooks, committed_offset: int,
-           record_id: str | None = None, attributed_from: str = "") -> list[Output]:
+@singledispatch
+def _handle(event: Envelope, fold: Fold) -> list[Output]:
+    """A catalog event."""
+    return _event(event, fold)
+
+
+@_handle.register
+def _undecodable(error: DecodeError, fold: Fold) -> list[Output]:
+    return fold.dead_letter(error.reason, error.detail)
+
+
+@_handle.register
+def _attributed(record: AliasEventAttributed, fold: Fold) -> list[Output]:
+    """An event that came with only an alias, now in its customer's partition."""
+    inner = decode_catalog_event(record.event)
+    if isinstance(inner, DecodeError):
+        return fold.dead_letter(inner.reason, f"attributed event: {inner.detail}")
+    event = inner.model_copy(update={"customer_id": record.customer_id})
+    return _event(event, fold, str(record.event_id), record.alias_key)
+
+
+def _event(event: Envelope, fold: Fold, record_id: str | None = None, attributed_from: str = "") -> list[Output]:
     """A customer event; `record_id` is the id of the record that carried it, when that is not the event."""
+    record = fold.record
     if event.received_at is None:
         # Producers that write straight to Kafka: the broker's timestamp is the receipt time.
         event = event.model_copy(update={"received_at": datetime.fromtimestamp(record.timestamp_ms / 1000, UTC)})
     key = event.customer_key
     if record.key != key.encode():
         # Per-customer order and the offset guard both need every event of a customer in one partition.
-        return [DeadLetter("wrong_key", f"record key {record.key!r} is not the event's customer key {key!r}", record)]
+        return fold.dead_letter("wrong_key", f"record key {record.key!r} is not the event's customer key {key!r}")
 
     event_id = record_id or str(event.event_id)
     content = fingerprint(event)
-    seen = seen_events.get(event_id)
-    state = load_customer(store, key)
+    seen = fold.seen.get(event_id)
+    state = load_customer(fold.store, key)
     already_applied = state is not None and state.last_offset >= record.offset
 
     if seen is not None and (seen.partition, seen.offset) != (record.partition, record.offset):
         if seen.fingerprint != content:
-            return [DeadLetter(
+            return fold.dead_letter(
                 "conflicting_duplicate",
                 f"event_id {event_id} was accepted before (partition {seen.partition}, offset {seen.offset}) "
-                "with different content",
-                record,
-            )]
+                "with different content")
         return [Duplicate(event_id, record)]
 
     if already_applied:
         # Redelivered record (this offset or an earlier one was applied). Make sure the marker exists,
         # and send the outputs again in case the crash lost them.
         if seen is None:
-            seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
+            fold.seen[event_id] = SeenEvent(content, record.partition, record.offset)
         resent = _resend(state, record.offset)  # type: ignore[arg-type]
         forwarded = any(isinstance(output, Forward) for output in resent)
         return resent if forwarded else [Accepted(event, record, attributed_from), *resent]
@@ -148,14 +187,14 @@ def _event(event: Envelope, record: SourceRecord, store: MutableMapping[str, Any
     anonymous = event.customer_id is None
     if anonymous and state is not None and state.linked_to:
         # The alias belongs to a customer now: the event is theirs, applied in their partition.
-        return _forward_to_customer(state, event, record, store, seen_events, rules, committed_offset, content)
+        return _forward_to_customer(state, event, fold, content)
 
-    segments = PartitionSegments(store, record.partition)
+    segments, rules = fold.segments, fold.rules
     if state is None:
         segments.enrol(key)
         state = CustomerState.new(key)
     aliases_before = state.profile.aliases
-    alerts = _churn_until(state, to_ms(event.occurred_at), rules, segments) if not anonymous else []
+    alerts = _churn_until(state, to_ms(event.occurred_at), fold) if not anonymous else []
     profile, changes = profile_after_event(state.profile, event, record.offset, rules, segments.boundaries)
     if anonymous:
         # Points belong to members: an alias's purchases earn once attributed to the customer.
@@ -174,19 +213,20 @@ def _event(event: Envelope, record: SourceRecord, store: MutableMapping[str, Any
     outputs = [*_segment_outputs(key, changes), *_loyalty_outputs(key, loyalty), *_alert_outputs(key, alerts)]
     if not anonymous:
         outputs += [_link(alias, key, event) for alias in state.profile.aliases if alias not in aliases_before]
-    _save(store, state, record, outputs, rules, committed_offset, segments.boundaries, model=segments.churn_model)
-    seen_events[event_id] = SeenEvent(content, record.partition, record.offset)
+    _save(fold, state, outputs)
+    fold.seen[event_id] = SeenEvent(content, record.partition, record.offset)
     return [Accepted(event, record, attributed_from), ProfileChanged(state.profile), *outputs]
 
 
-def _churn_until(state: CustomerState, event_ms: int, rules: Rulebooks, segments: PartitionSegments) -> list[dict[str, Any]]:
+def _churn_until(state: CustomerState, event_ms: int, fold: Fold) -> list[dict[str, Any]]:
     """The alert changes that time made before an event, when a deadline passed since the customer's
     last tick or event: an alert may open before the event (dated when it did) that the event then
     resolves. The clock ticks usually got there first."""
     if state.due_ms is None or state.due_ms > event_ms or state.profile.first_seen_ms is None:
         return []
-    waited, _ = profile_until(state.profile, event_ms, rules, segments.boundaries)
-    _, alerts = churn.after_time(waited, state.churn, state.account, segments.churn_model, rules.churn,
+    segments = fold.segments
+    waited, _ = profile_until(state.profile, event_ms, fold.rules, segments.boundaries)
+    _, alerts = churn.after_time(waited, state.churn, state.account, segments.churn_model, fold.rules.churn,
                                  state.profile.clock_ms)
     return alerts
 
@@ -204,24 +244,22 @@ def _attribution(alias_key: str, customer_id: str, event: dict[str, Any]) -> For
     return Forward(customer_id, record.model_dump(mode="json"))
 
 
-def _forward_to_customer(state: CustomerState, event: Envelope, record: SourceRecord, store: MutableMapping[str, Any],
-                         seen_events: MutableMapping[str, SeenEvent], rules: Rulebooks, committed_offset: int,
-                         content: str) -> list[Output]:
+def _forward_to_customer(state: CustomerState, event: Envelope, fold: Fold, content: str) -> list[Output]:
     outputs: list[Output] = [_attribution(state.account.customer_key, state.linked_to, to_json_dict(event))]  # type: ignore[arg-type]
-    state.last_offset = record.offset
-    _save(store, state, record, outputs, rules, committed_offset, None)
-    seen_events[str(event.event_id)] = SeenEvent(content, record.partition, record.offset)
+    state.last_offset = fold.record.offset
+    _save(fold, state, outputs)
+    fold.seen[str(event.event_id)] = SeenEvent(content, fold.record.partition, fold.record.offset)
     return outputs
 
 
-def _alias_linked(link: AliasLinked, record: SourceRecord, store: MutableMapping[str, Any], rules: Rulebooks,
-                  committed_offset: int) -> list[Output]:
+@_handle.register
+def _alias_linked(link: AliasLinked, fold: Fold) -> list[Output]:
     """The alias's partition learns whose alias it is: the events it held go to that customer, and
     the profile kept under the alias is marked merged into theirs."""
-    key = link.alias_key
+    key, record = link.alias_key, fold.record
     if record.key != key.encode():
-        return [DeadLetter("wrong_key", f"record key {record.key!r} is not the alias key {key!r}", record)]
-    state = load_customer(store, key) or CustomerState.new(key)
+        return fold.dead_letter("wrong_key", f"record key {record.key!r} is not the alias key {key!r}")
+    state = load_customer(fold.store, key) or CustomerState.new(key)
     if state.last_offset >= record.offset:
         return _resend(state, record.offset)
     outputs: list[Output] = []
@@ -234,24 +272,25 @@ def _alias_linked(link: AliasLinked, record: SourceRecord, store: MutableMapping
             state.profile = replace(state.profile, merged_into=link.customer_id, version=state.profile.version + 1)
             outputs.insert(0, ProfileChanged(state.profile))
     state.last_offset = record.offset
-    _save(store, state, record, outputs, rules, committed_offset, None)
+    _save(fold, state, outputs)
     return outputs
 
 
-def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any], rules: Rulebooks,
-          committed_offset: int) -> list[Output]:
-    if tick.partition != record.partition:
-        return [DeadLetter("misrouted_tick", f"tick for partition {tick.partition} found in partition "
-                                             f"{record.partition}", record)]
-    timers = PartitionTimers(store, record.partition)
-    segments = PartitionSegments(store, record.partition)
-    boundaries, model = segments.boundaries, segments.churn_model
+@_handle.register
+def _tick(tick: ClockTick, fold: Fold) -> list[Output]:
+    """Time passes in the partition: every customer with something due by the tick's time (and the
+    next share of the directory, while new boundaries or a new churn model are carried through it)
+    is brought up to it."""
+    misrouted = fold.misrouted("tick", tick.partition)
+    if misrouted:
+        return misrouted
+    record, timers = fold.record, fold.timers
     now = to_ms(tick.occurred_at)
     if now <= timers.clock_ms:
         # Applied before (or an older tick from a second clock): re-send what it changed, if known.
         resent: list[Output] = []
         for customer_key in timers.swept_at(record.offset):
-            state = load_customer(store, customer_key)
+            state = load_customer(fold.store, customer_key)
             if state is not None:
                 resent.extend(_resend(state, record.offset))
         return resent
@@ -259,70 +298,76 @@ def _tick(tick: ClockTick, record: SourceRecord, store: MutableMapping[str, Any]
     outputs: list[Output] = []
     changed: list[str] = []
     due_keys, chunk_keys = timers.due(now)
-    customer_keys = list(dict.fromkeys([*due_keys, *segments.sweep_batch(record.offset)]))
+    customer_keys = list(dict.fromkeys([*due_keys, *fold.segments.sweep_batch(record.offset)]))
     for customer_key in customer_keys:
-        state = load_customer(store, customer_key)
+        state = load_customer(fold.store, customer_key)
         if state is None or state.linked_to:
             continue
-        account, loyalty = ledger.advance(state.account, now, rules.loyalty)
-        profile, passed = profile_until(state.profile, now, rules, boundaries)
-        if boundaries is not None:
-            profile, rescored = membership.rescore(profile, rules.segments, boundaries)
-            passed += rescored
-        profile = _with_loyalty(profile, account)
-        alerts: list[dict[str, Any]] = []
-        # The churn fold changes its state in place; a customer the tick leaves unchanged keeps its own.
-        churn_state = ChurnState.from_dict(state.churn.to_dict())
-        if profile.customer_id is not None:
-            profile, alerts = churn.after_time(profile, churn_state, account, model, rules.churn,
-                                               state.profile.clock_ms)
-        news = profile.figures() != state.profile.figures()
-        # A churn deadline may pass with nothing to show (a window moved, no indicator turned); the
-        # customer is still saved then, to list the next one.
-        due = _next_due(churn_state, profile, account, rules, boundaries, model)
-        if not (loyalty or news or alerts or due != state.due_ms):
-            # Nothing due after all (a stale listing), or applied before a crash lost the rest of
-            # this tick's writes: then its outputs are in the outbox, to be sent again.
-            if state.touched_at(record.offset):
-                changed.append(customer_key)
-                outputs.extend(_resend(state, record.offset))
-            continue
-        state.account, state.profile, state.churn = account, profile, churn_state
-        changed.append(customer_key)
-        customer_outputs = (_segment_outputs(customer_key, passed) + _loyalty_outputs(customer_key, loyalty)
-                            + _alert_outputs(customer_key, alerts))
-        if news:
-            # A new version only when a figure changed, not for the clock alone.
-            state.profile = replace(profile, version=profile.version + 1)
-            customer_outputs.insert(0, ProfileChanged(state.profile))
-        _save(store, state, record, customer_outputs, rules, committed_offset, boundaries, timers, model, due)
-        outputs.extend(customer_outputs)
+        customer_outputs = _wake(state, now, fold)
+        if customer_outputs is not None:
+            changed.append(customer_key)
+            outputs.extend(customer_outputs)
     timers.clock_ms = now
-    timers.record_sweep(record.offset, changed, committed_offset)
+    timers.record_sweep(record.offset, changed, fold.committed_offset)
     timers.forget(now, chunk_keys)
     return outputs
 
 
-def _boundaries(boundaries: SegmentBoundaries, record: SourceRecord, store: MutableMapping[str, Any]) -> list[Output]:
-    if boundaries.partition != record.partition:
-        return [DeadLetter("misrouted_boundaries", f"boundaries for partition {boundaries.partition} found in "
-                                                   f"partition {record.partition}", record)]
-    segments = PartitionSegments(store, record.partition)
-    if segments.boundaries_id != boundaries.boundaries_id:
-        segments.publish(boundaries)
+def _wake(state: CustomerState, now: int, fold: Fold) -> list[Output] | None:
+    """One customer brought up to the tick's time: its outputs, or None when the tick changed nothing."""
+    rules, record = fold.rules, fold.record
+    boundaries, model = fold.segments.boundaries, fold.segments.churn_model
+    customer_key = state.account.customer_key
+    account, loyalty = ledger.advance(state.account, now, rules.loyalty)
+    profile, passed = profile_until(state.profile, now, rules, boundaries)
+    if boundaries is not None:
+        profile, rescored = membership.rescore(profile, rules.segments, boundaries)
+        passed += rescored
+    profile = _with_loyalty(profile, account)
+    alerts: list[dict[str, Any]] = []
+    # The churn fold changes its state in place; a customer the tick leaves unchanged keeps its own.
+    churn_state = ChurnState.from_dict(state.churn.to_dict())
+    if profile.customer_id is not None:
+        profile, alerts = churn.after_time(profile, churn_state, account, model, rules.churn, state.profile.clock_ms)
+    news = profile.figures() != state.profile.figures()
+    # A churn deadline may pass with nothing to show (a window moved, no indicator turned); the
+    # customer is still saved then, to list the next one.
+    due = _next_due(churn_state, profile, account, rules, boundaries, model)
+    if not (loyalty or news or alerts or due != state.due_ms):
+        # Nothing due after all (a stale listing), or applied before a crash lost the rest of
+        # this tick's writes: then its outputs are in the outbox, to be sent again.
+        return _resend(state, record.offset) if state.touched_at(record.offset) else None
+    state.account, state.profile, state.churn = account, profile, churn_state
+    outputs = (_segment_outputs(customer_key, passed) + _loyalty_outputs(customer_key, loyalty)
+               + _alert_outputs(customer_key, alerts))
+    if news:
+        # A new version only when a figure changed, not for the clock alone.
+        state.profile = replace(profile, version=profile.version + 1)
+        outputs.insert(0, ProfileChanged(state.profile))
+    _save(fold, state, outputs, due)
+    return outputs
+
+
+@_handle.register
+def _boundaries(boundaries: SegmentBoundaries, fold: Fold) -> list[Output]:
+    misrouted = fold.misrouted("boundaries", boundaries.partition)
+    if misrouted:
+        return misrouted
+    if fold.segments.boundaries_id != boundaries.boundaries_id:
+        fold.segments.publish(boundaries)
     # Sent again on redelivery: the row is keyed by the boundaries id.
     return [BoundariesApplied(boundaries.boundaries_id,
                               {"entry": "boundaries", **boundaries.model_dump(mode="json", exclude={"partition"})})]
 
 
-def _churn_model(model: ChurnModelPublished, record: SourceRecord, store: MutableMapping[str, Any]) -> list[Output]:
-    if model.partition != record.partition:
-        return [DeadLetter("misrouted_churn_model", f"churn model for partition {model.partition} found in "
-                                                    f"partition {record.partition}", record)]
-    segments = PartitionSegments(store, record.partition)
-    current = segments.churn_model
+@_handle.register
+def _churn_model(model: ChurnModelPublished, fold: Fold) -> list[Output]:
+    misrouted = fold.misrouted("churn_model", model.partition)
+    if misrouted:
+        return misrouted
+    current = fold.segments.churn_model
     if current is None or current.model_id != model.model_id:
-        segments.put_churn_model(model)
+        fold.segments.put_churn_model(model)
     # Sent again on redelivery: the row is keyed by the model id.
     return [ChurnModelApplied(model.model_id, model.model_dump(mode="json", exclude={"partition"}))]
 
@@ -360,22 +405,20 @@ class _Unknown:
     """`_save`'s deadline when the caller has not computed it."""
 
 
-def _save(store: MutableMapping[str, Any], state: CustomerState, record: SourceRecord,
-          outputs: list[Output], rules: Rulebooks, committed_offset: int,
-          boundaries: SegmentBoundaries | None, timers: PartitionTimers | None = None,
-          model: ChurnModelPublished | None = None, due: int | None | type[_Unknown] = _Unknown) -> None:
+def _save(fold: Fold, state: CustomerState, outputs: list[Output], due: int | None | type[_Unknown] = _Unknown) -> None:
     """Write the customer's state, listing its next deadline in the timers first: if a crash loses
     the tail of the changelog, it loses the state write (and the record is applied again) rather
     than leaving a state whose deadline nobody will wake. `due` is that deadline when the caller
     has just computed it."""
     if due is _Unknown:
         # A profile merged into a customer's stays as it was at the link: time no longer moves it.
-        due = None if state.linked_to else _next_due(state.churn, state.profile, state.account, rules, boundaries, model)
+        due = None if state.linked_to else _next_due(state.churn, state.profile, state.account, fold.rules,
+                                                     fold.segments.boundaries, fold.segments.churn_model)
     if due is not None and due != state.due_ms:
-        (timers or PartitionTimers(store, record.partition)).add(state.account.customer_key, due)
+        fold.timers.add(state.account.customer_key, due)
     state.due_ms = due
-    state.keep_outputs(record.offset, [o.data for o in outputs if isinstance(o, OUTBOX)], committed_offset)
-    store[customer_store_key(state.account.customer_key)] = state
+    state.keep_outputs(fold.record.offset, [o.data for o in outputs if isinstance(o, OUTBOX)], fold.committed_offset)
+    fold.store[customer_store_key(state.account.customer_key)] = state
 
 
 def _segment_outputs(customer_key: str, changes: list[membership.SegmentChange]) -> list[Output]:

@@ -11,11 +11,14 @@ topic and table get: the same facts plus the figures derived from them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections import deque
+from dataclasses import MISSING, dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
+from itertools import repeat
+from operator import attrgetter, call
 from typing import Any
 
-from schemas.envelope import Envelope
+from schemas.envelope import Envelope, Identifiers
 from schemas.events import (
     AppSessionStarted, ComplaintFiled, ComplaintResolved, ConsentChanged, CustomerRegistered, DailySignIn,
     IdentityLinked, ProfileUpdated, PurchaseCompleted, PurchaseRefunded, SurveyAnswered,
@@ -29,6 +32,7 @@ FAVOURITE_CATEGORIES = 3
 CONTACT_FIELDS = ("email", "phone", "address", "birthday")
 # Fields of a record that say which snapshot it is rather than what it says about the customer.
 SNAPSHOT_FIELDS = frozenset({"version", "last_offset", "as_of_ms"})
+_SNAPSHOT_ORDER = tuple(sorted(SNAPSHOT_FIELDS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,42 +104,56 @@ class CustomerProfile:
 
     def to_dict(self) -> dict[str, Any]:
         # Fields at their default are left out: state is stored per customer (and per alias), and
-        # most of a young or anonymous profile is still empty.
-        return {name: value for name, default in _DEFAULTS.items()
-                if (value := getattr(self, name)) != default or name == "customer_key"}
+        # most of a young or anonymous profile is still empty. Keys in field order, customer_key
+        # always first: the stored bytes must not depend on how the dict was built.
+        data = {"customer_key": self.customer_key}
+        for name, value, default in zip(_STORED_FIELDS, _stored_values(self), _STORED_DEFAULTS):
+            if value != default:
+                data[name] = value
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CustomerProfile:
-        return cls(**{
-            **data,
-            # States written before a field existed lack it: the default applies.
-            **{name: tuple(data[name]) for name in ("aliases", "contact", "channels", "stores", "resolved_unfiled",
-                                                    "rfm", "tags", "open_alerts") if name in data},
-            "recent": tuple(tuple(entry) for entry in data.get("recent", ())),
-        })
+        unknown = data.keys() - _FIELD_INDEX.keys()
+        if unknown:
+            # As the keyword constructor would: a state from a newer schema is not silently cut.
+            raise TypeError(f"CustomerProfile got unexpected fields {sorted(unknown)}")
+        # States written before a field existed lack it: the default applies (a fresh one for
+        # the mutable defaults, as the dataclass's default_factory would give).
+        values = list(map(data.get, _FIELD_NAMES, _MISSING_VALUES))
+        if values[0] is MISSING:
+            raise TypeError("CustomerProfile needs a customer_key")
+        for index, factory in _FACTORIES:
+            if values[index] is _FROM_FACTORY:
+                values[index] = factory()
+        for index in _TUPLE_INDEXES:
+            values[index] = tuple(values[index])  # JSON lists; a tuple default stays itself
+        values[_RECENT] = tuple(map(tuple, values[_RECENT]))
+        return _build(values)
 
     def to_record(self) -> dict[str, Any]:
         """The profile as the profiles topic carries it: facts and derived figures, money in minor units."""
         windows = trailing.figures(self.recent, self.clock_ms)
-        nps, csat = (self.surveys.get(kind, []) for kind in ("nps", "csat"))
+        surveys = self.surveys
+        nps, csat = surveys.get("nps", ()), surveys.get("csat", ())
+        spend, refunded, rfm = self.spend_minor, self.refunded_minor, self.rfm
         return {
             "customer_key": self.customer_key, "customer_id": self.customer_id, "version": self.version,
             "last_offset": self.last_offset, "as_of_ms": self.clock_ms,
             "first_seen_ms": self.first_seen_ms, "last_seen_ms": self.last_seen_ms,
             "aliases": list(self.aliases), "contact": list(self.contact),
-            "marketing_consent": sorted(key.split(":", 1)[1] for key, (_, _, granted) in self.consent.items()
-                                        if granted and key.startswith("marketing:")),
+            "marketing_consent": _marketing_channels(self.consent),
             "purchase_count": self.purchase_count, "refund_count": self.refund_count,
-            "spend_minor": self.spend_minor, "refunded_minor": self.refunded_minor,
+            "spend_minor": spend, "refunded_minor": refunded,
             "average_order_minor": {
-                currency: _divide(self.spend_minor.get(currency, 0) + self.refunded_minor.get(currency, 0), count)
+                currency: _divide(spend.get(currency, 0) + refunded.get(currency, 0), count)
                 for currency, count in self.purchases_by_currency.items()
             },
             **windows,
             "last_purchase_ms": self.last_purchase_ms, "weekend_purchases": self.weekend_purchases,
             "favourite_categories": _top(self.category_units, FAVOURITE_CATEGORIES),
-            "favourite_store": favourite_store(self),
-            "favourite_channel": next(iter(_top(self.channel_events, 1)), ""),
+            "favourite_store": _first(self.store_purchases),
+            "favourite_channel": _first(self.channel_events),
             "channels": list(self.channels), "stores": list(self.stores),
             "session_count": self.session_count, "sign_in_count": self.sign_in_count,
             "nps_latest": nps[-1][2] if nps else None,
@@ -145,8 +163,8 @@ class CustomerProfile:
             "complaint_count": self.complaint_count, "open_complaints": len(self.open_complaints),
             "points_available": self.points_available, "points_pending": self.points_pending, "tier": self.tier,
             "lifecycle_stage": self.lifecycle_stage, "lifecycle_since_ms": self.lifecycle_since_ms,
-            "value_tier": self.value_tier, "rfm_recency": self.rfm[0], "rfm_frequency": self.rfm[1],
-            "rfm_monetary": self.rfm[2], "rfm_segment": self.rfm_segment, "tags": list(self.tags),
+            "value_tier": self.value_tier, "rfm_recency": rfm[0], "rfm_frequency": rfm[1],
+            "rfm_monetary": rfm[2], "rfm_segment": self.rfm_segment, "tags": list(self.tags),
             "boundaries_id": self.boundaries_id, "merged_into": self.merged_into,
             "churn_p_alive": self.churn_p_alive, "churn_expected_90d": self.churn_expected_90d,
             "churn_model_id": self.churn_model_id, "open_alerts": list(self.open_alerts),
@@ -154,13 +172,51 @@ class CustomerProfile:
 
     def figures(self) -> dict[str, Any]:
         """What the profile says about the customer, without which snapshot it is: equal figures, no news."""
-        return {name: value for name, value in self.to_record().items() if name not in SNAPSHOT_FIELDS}
+        record = self.to_record()
+        for name in _SNAPSHOT_ORDER:
+            del record[name]  # the other keys keep their order
+        return record
 
 
-_DEFAULTS: dict[str, Any] = {
-    name: spec.default_factory() if callable(spec.default_factory) else spec.default  # type: ignore[misc]
+# The profile is copied several times per event (each fold step returns a new one), so copies and
+# the state dict go by field position, not through dataclasses.replace/fields reflection.
+_FIELD_NAMES = tuple(CustomerProfile.__dataclass_fields__)
+_FIELD_INDEX = {name: index for index, name in enumerate(_FIELD_NAMES)}
+_DEFAULT_SPECS = tuple(
+    (name, spec.default, spec.default_factory if callable(spec.default_factory) else None)
     for name, spec in CustomerProfile.__dataclass_fields__.items()
-}
+)
+_DEFAULTS: dict[str, Any] = {name: factory() if factory else default for name, default, factory in _DEFAULT_SPECS}
+assert _FIELD_NAMES[0] == "customer_key"
+_STORED_FIELDS = _FIELD_NAMES[1:]
+_STORED_DEFAULTS = tuple(_DEFAULTS[name] for name in _STORED_FIELDS)
+_stored_values = attrgetter(*_STORED_FIELDS)
+_all_values = attrgetter(*_FIELD_NAMES)
+_TUPLE_FIELDS = ("aliases", "contact", "channels", "stores", "resolved_unfiled", "rfm", "tags", "open_alerts")
+_TUPLE_INDEXES = tuple(_FIELD_INDEX[name] for name in _TUPLE_FIELDS)
+_RECENT = _FIELD_INDEX["recent"]
+# from_dict's value for a field the dict lacks: its default, or a marker for a default_factory.
+_FROM_FACTORY = object()
+_MISSING_VALUES = tuple(_FROM_FACTORY if factory else default for _, default, factory in _DEFAULT_SPECS)
+_FACTORIES = tuple((index, factory) for index, (_, _, factory) in enumerate(_DEFAULT_SPECS) if factory)
+_FIELD_SETTERS = tuple(CustomerProfile.__dict__[name].__set__ for name in _FIELD_NAMES)  # the slots themselves
+
+
+def _build(values: list[Any]) -> CustomerProfile:
+    """A profile from every field's value in field order: what CustomerProfile(*values) makes, at
+    a fraction of the cost (the per-field assignments run in C)."""
+    profile = object.__new__(CustomerProfile)
+    deque(map(call, _FIELD_SETTERS, repeat(profile), values), maxlen=0)
+    return profile
+
+
+def evolve(profile: CustomerProfile, **changes: Any) -> CustomerProfile:
+    """`dataclasses.replace(profile, **changes)`, the same profile, about twice as fast. Folds make
+    every change of a step in one call: each call copies the whole profile."""
+    values = list(_all_values(profile))
+    for name, value in changes.items():
+        values[_FIELD_INDEX[name]] = value
+    return _build(values)
 
 
 def to_minor(amount: Any) -> int:
@@ -168,7 +224,17 @@ def to_minor(amount: Any) -> int:
     return int(amount * 100)
 
 
+_EXACT_LIMIT = 10**18
+
+
 def _divide(minor: int, count: int) -> int:
+    """minor / count rounded half away from zero (Decimal's ROUND_HALF_UP). In integers when both
+    are far below 10**26, where the Decimal quotient's 28 digits cannot move a tie: the same result."""
+    if count > 0 and -_EXACT_LIMIT < minor < _EXACT_LIMIT and count < _EXACT_LIMIT:
+        quotient, remainder = divmod(abs(minor), count)
+        if 2 * remainder >= count:
+            quotient += 1
+        return quotient if minor >= 0 else -quotient
     return int((Decimal(minor) / count).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
@@ -177,8 +243,20 @@ def _top(counts: dict[str, int], n: int) -> list[str]:
     return [name for name, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]]
 
 
+def _first(counts: dict[str, int]) -> str:
+    """`_top(counts, 1)`'s one name, or "": the largest count, the smallest name among ties."""
+    if not counts:
+        return ""
+    return min(counts.items(), key=lambda item: (-item[1], item[0]))[0]
+
+
+def _marketing_channels(consent: dict[str, list[Any]]) -> list[str]:
+    """Channels with marketing consent granted, sorted."""
+    return sorted(key[10:] for key, (_, _, granted) in consent.items() if granted and key.startswith("marketing:"))
+
+
 def favourite_store(profile: CustomerProfile) -> str:
-    return next(iter(_top(profile.store_purchases, 1)), "")
+    return _first(profile.store_purchases)
 
 
 def _with(values: tuple[str, ...], value: str | None) -> tuple[str, ...]:
@@ -192,6 +270,8 @@ def _add(totals: dict[str, int], key: str, amount: int) -> dict[str, int]:
 
 
 UTC_ZONE = ZoneInfo("UTC")
+# The alias fields in the order Identifiers.model_dump gives them (the model forbids extra fields).
+_ALIAS_TYPES = tuple(Identifiers.model_fields)
 
 
 def fold_profile(profile: CustomerProfile | None, event: Envelope, offset: int,
@@ -203,8 +283,11 @@ def fold_profile(profile: CustomerProfile | None, event: Envelope, offset: int,
     payload = getattr(event, "payload", None)
     channel = event.source.channel.value
     aliases = profile.aliases
-    for alias_type, value in event.identifiers.model_dump(exclude_none=True).items():
-        aliases = _with(aliases, f"{alias_type}:{value}")
+    identifiers = event.identifiers
+    for alias_type in _ALIAS_TYPES:
+        value = getattr(identifiers, alias_type)
+        if value is not None:
+            aliases = _with(aliases, f"{alias_type}:{value}")
     changes: dict[str, Any] = {
         "version": profile.version + 1,
         "last_offset": offset,
@@ -275,17 +358,17 @@ def fold_profile(profile: CustomerProfile | None, event: Envelope, offset: int,
             changes["resolved_unfiled"] = _with(profile.resolved_unfiled, payload.complaint_id)
     changes["clock_ms"] = clock
     changes["recent"] = trailing.prune(changes.get("recent", profile.recent), clock)
-    return replace(profile, **changes)
+    return evolve(profile, **changes)
 
 
 def elapse(profile: CustomerProfile, until_ms: int) -> CustomerProfile:
     """The profile with its clock moved on to `until_ms` (never back): trailing windows slide."""
     if until_ms <= profile.clock_ms:
         return profile
-    return replace(profile, clock_ms=until_ms, recent=trailing.prune(profile.recent, until_ms))
+    return evolve(profile, clock_ms=until_ms, recent=trailing.prune(profile.recent, until_ms))
 
 
 def with_loyalty(profile: CustomerProfile, available: int, pending: int, tier: str) -> CustomerProfile:
     if (profile.points_available, profile.points_pending, profile.tier) == (available, pending, tier):
         return profile
-    return replace(profile, points_available=available, points_pending=pending, tier=tier)
+    return evolve(profile, points_available=available, points_pending=pending, tier=tier)

@@ -25,40 +25,66 @@ KEEP_DAYS = {PURCHASE: 365, REFUND: 365, SESSION: 60, SIGN_IN: 60, COMPLAINT: 30
 
 Entry = tuple[int, str, str, int]  # event time ms, kind, currency ("" for counts), amount (minor units or 1)
 
+# The same in milliseconds, for the per-event loops below; each kind's windows shortest first.
+WINDOWS_MS = {kind: tuple(days * DAY_MS for days in windows) for kind, windows in WINDOWS_DAYS.items()}
+KEEP_MS = {kind: days * DAY_MS for kind, days in KEEP_DAYS.items()}
+assert all(list(windows) == sorted(windows) for windows in WINDOWS_MS.values())
+
 
 def add(entries: tuple[Entry, ...], entry: Entry) -> tuple[Entry, ...]:
     return tuple(sorted((*entries, entry)))
 
 
 def prune(entries: tuple[Entry, ...], as_of_ms: int) -> tuple[Entry, ...]:
-    """Without the entries that no window as of `as_of_ms` (or later) counts any more."""
-    kept = tuple(e for e in entries if e[0] > as_of_ms - KEEP_DAYS[e[1]] * DAY_MS)
-    return entries if len(kept) == len(entries) else kept
+    """Without the entries that no window as of `as_of_ms` (or later) counts any more; `entries`
+    itself when it keeps them all (the usual case: callers may compare by identity)."""
+    for occurred, kind, _, _ in entries:
+        if occurred <= as_of_ms - KEEP_MS[kind]:
+            break
+    else:
+        return entries
+    return tuple(e for e in entries if e[0] > as_of_ms - KEEP_MS[e[1]])
 
 
 def figures(entries: tuple[Entry, ...], as_of_ms: int) -> dict[str, Any]:
+    """The windows as of `as_of_ms`. Each spend dict lists currencies in the order of their first
+    entry in the window (entries are in event-time order), as the records have always had them."""
     spend: dict[int, dict[str, int]] = {days: {} for days in SPEND_WINDOWS_DAYS}
-    activity = {SESSION: 0, SIGN_IN: 0, COMPLAINT: 0}
+    spend_since = [(as_of_ms - days * DAY_MS, spend[days]) for days in SPEND_WINDOWS_DAYS]
+    activity_since = as_of_ms - ACTIVITY_WINDOW_DAYS * DAY_MS
+    sessions = sign_ins = complaints = 0
     for occurred, kind, currency, amount in entries:
         if occurred > as_of_ms:
             continue
-        age = as_of_ms - occurred
-        if kind in activity:
-            activity[kind] += age < ACTIVITY_WINDOW_DAYS * DAY_MS
-            continue
-        signed = amount if kind == PURCHASE else -amount
-        for days in SPEND_WINDOWS_DAYS:
-            if age < days * DAY_MS:
-                spend[days][currency] = spend[days].get(currency, 0) + signed
+        # An entry is in a window of D days while its age is under D days: occurred > as_of - D.
+        if kind == SESSION:
+            sessions += occurred > activity_since
+        elif kind == SIGN_IN:
+            sign_ins += occurred > activity_since
+        elif kind == COMPLAINT:
+            complaints += occurred > activity_since
+        else:
+            signed = amount if kind == PURCHASE else -amount
+            for since, totals in spend_since:
+                if occurred > since:
+                    totals[currency] = totals.get(currency, 0) + signed
     return {
         **{f"spend_{days}d_minor": totals for days, totals in spend.items()},
-        "sessions_30d": activity[SESSION],
-        "sign_ins_30d": activity[SIGN_IN],
-        "complaints_30d": activity[COMPLAINT],
+        "sessions_30d": sessions,
+        "sign_ins_30d": sign_ins,
+        "complaints_30d": complaints,
     }
 
 
 def next_change_ms(entries: tuple[Entry, ...], after_ms: int) -> int | None:
     """The first moment after `after_ms` at which an entry leaves one of its windows."""
-    return min((occurred + days * DAY_MS for occurred, kind, _, _ in entries for days in WINDOWS_DAYS[kind]
-                if occurred + days * DAY_MS > after_ms), default=None)
+    best = None
+    for occurred, kind, _, _ in entries:
+        for window in WINDOWS_MS[kind]:
+            moment = occurred + window
+            if moment > after_ms:
+                # The entry's first window to end after `after_ms`; its longer ones end later.
+                if best is None or moment < best:
+                    best = moment
+                break
+    return best

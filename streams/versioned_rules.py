@@ -6,6 +6,7 @@ still reproduces history: old versions stay in the file (they are never edited, 
 Validated at start-up; an invalid file stops the worker with the field that is wrong."""
 
 import tomllib
+from bisect import bisect_right
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Generic, TypeVar
@@ -46,12 +47,13 @@ class VersionedRules(Rules, Generic[V]):
         return [int(version.effective_from.timestamp() * 1000) for version in self.versions]
 
     def at_ms(self, millis: int) -> V:
-        """The version in force at `millis` (epoch milliseconds); folds call this per step."""
-        current = self.versions[0]
-        for start, candidate in zip(self._starts_ms[1:], self.versions[1:]):
-            if start <= millis:
-                current = candidate
-        return current
+        """The version in force at `millis` (epoch milliseconds): the last one that started at or
+        before it, else the first. Folds call this several times per step: a binary search over
+        the strictly increasing starts (validated above)."""
+        versions = self.versions
+        if len(versions) == 1:
+            return versions[0]
+        return versions[max(bisect_right(self._starts_ms, millis) - 1, 0)]
 
 
 def load_toml(model: type[M], path: Path, what: str) -> M:

@@ -39,12 +39,18 @@ def transition(profile: CustomerProfile, churn: ChurnState, found: list[Finding]
     """The alert changes (AlertChange records as JSON dicts) that `found` makes at `now_ms`;
     updates `churn` (open alerts, quiet reasons) in place."""
     changes: list[dict[str, Any]] = []
-    for alert_type in AlertType:
-        kind = alert_type.value
-        mine = [finding for finding in found if finding.alert_type == kind]
+    if not found and not churn.open and not churn.quiet:
+        return changes  # the common case: nothing holds, nothing open, nothing quiet
+    by_kind: dict[str, list[Finding]] = {}
+    for finding in found:
+        by_kind.setdefault(finding.alert_type, []).append(finding)
+    for alert_type, kind in _ALERT_TYPES:
+        mine = by_kind.get(kind, [])
         codes = [finding.code for finding in mine]
         current = churn.open.get(kind)
         if current is None:
+            if not codes and kind not in churn.quiet:
+                continue  # what _raises would say, without its bookkeeping (there is none to do)
             if _raises(churn, kind, codes):
                 churn.opened_count += 1
                 alert_id = str(derived_id("alert", profile.customer_key, str(churn.opened_count)))
@@ -72,6 +78,10 @@ def transition(profile: CustomerProfile, churn: ChurnState, found: list[Finding]
             changes.append(_change(profile, current, AlertStatus.UPDATED, alert_type, mine, severity, weighted,
                                    score, rules, now_ms, cause))
     return changes
+
+
+# Every alert type with its value, in AlertType's order (the order of the changes).
+_ALERT_TYPES = tuple((alert_type, alert_type.value) for alert_type in AlertType)
 
 
 def _raises(churn: ChurnState, kind: str, codes: list[str]) -> bool:

@@ -6,7 +6,6 @@ timers to wake the customer then."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from schemas.alerts import AlertType, Cause, ChurnModelPublished
@@ -19,7 +18,7 @@ from streams.churn.score import Score, falls_below_ms, score
 from streams.churn.state import ChurnState
 from streams.loyalty.calendar import DAY_MS, to_ms
 from streams.loyalty.ledger import Account
-from streams.profile import CustomerProfile
+from streams.profile import CustomerProfile, evolve
 
 Outcome = tuple[CustomerProfile, list[dict[str, Any]]]
 TIME = Cause(type="time")
@@ -42,7 +41,8 @@ def after_time(profile: CustomerProfile, churn: ChurnState, account: Account, mo
     changes: list[dict[str, Any]] = []
     moment = next_due_ms(profile, churn, account, model, rules, since_ms)
     while moment is not None and moment < now:
-        changes += _evaluate(profile, churn, account, model, rules, TIME, moment)[1]
+        # The profile as of a passed moment is not kept: only its alert changes.
+        changes += _changes_at(profile, churn, account, model, rules, TIME, moment)[1]
         moment = next_due_ms(profile, churn, account, model, rules, moment)
     profile, last = _evaluate(profile, churn, account, model, rules, TIME, now)
     return profile, changes + last
@@ -66,13 +66,19 @@ def next_due_ms(profile: CustomerProfile, churn: ChurnState, account: Account, m
 
 def _evaluate(profile: CustomerProfile, churn: ChurnState, account: Account, model: ChurnModelPublished | None,
               rules: ChurnRules, cause: Cause, now: int) -> Outcome:
+    current, changes = _changes_at(profile, churn, account, model, rules, cause, now)
+    return _with_churn(profile, current, tuple(sorted(churn.open))), changes
+
+
+def _changes_at(profile: CustomerProfile, churn: ChurnState, account: Account, model: ChurnModelPublished | None,
+                rules: ChurnRules, cause: Cause, now: int) -> tuple[Score | None, list[dict[str, Any]]]:
+    """The score at `now` and the alert changes it and the indicators make; updates `churn`."""
     version = rules.at_ms(now)
     current = score(churn, model, now)
     churn.scored_ms = now if current is not None else None
     found = indicators.findings(profile, churn, account, current and current.p_alive, current and current.expected_90d,
                                 version, now)
-    changes = transition(profile, churn, found, current, version, now, cause)
-    return _with_churn(profile, current, tuple(sorted(churn.open))), changes
+    return current, transition(profile, churn, found, current, version, now, cause)
 
 
 def _with_churn(profile: CustomerProfile, current: Score | None, open_alerts: tuple[str, ...]) -> CustomerProfile:
@@ -80,5 +86,5 @@ def _with_churn(profile: CustomerProfile, current: Score | None, open_alerts: tu
     if figures == (profile.churn_p_alive, profile.churn_expected_90d, profile.churn_model_id) \
             and open_alerts == profile.open_alerts:
         return profile
-    return replace(profile, churn_p_alive=figures[0], churn_expected_90d=figures[1], churn_model_id=figures[2],
-                   open_alerts=open_alerts)
+    return evolve(profile, churn_p_alive=figures[0], churn_expected_90d=figures[1], churn_model_id=figures[2],
+                  open_alerts=open_alerts)

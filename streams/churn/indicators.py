@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import pairwise
-from statistics import median
 from typing import Any
 
 from streams import trailing
@@ -30,7 +29,11 @@ class Finding:
 
     @property
     def alert_type(self) -> str:
-        return ALERT_OF[self.code].value
+        return ALERT_KIND_OF[self.code]
+
+
+# ALERT_OF with the alert types' values: looked up for every finding at every evaluation.
+ALERT_KIND_OF: dict[str, str] = {code: alert_type.value for code, alert_type in ALERT_OF.items()}
 
 
 def findings(profile: CustomerProfile, churn: ChurnState, account: Account, p_alive: float | None,
@@ -38,9 +41,8 @@ def findings(profile: CustomerProfile, churn: ChurnState, account: Account, p_al
     """Every indicator that holds at `now_ms`, in the order of the rules."""
     found = [
         _purchase_gap(churn, rules, now_ms),
-        _falling("frequency_falling", rules.indicators.frequency_falling, profile, (trailing.PURCHASE,), now_ms),
-        _falling("activity_falling", rules.indicators.activity_falling, profile, (trailing.SESSION, trailing.SIGN_IN),
-                 now_ms),
+        _falling("frequency_falling", rules.indicators.frequency_falling, profile, _FREQUENCY_KINDS, now_ms),
+        _falling("activity_falling", rules.indicators.activity_falling, profile, _ACTIVITY_KINDS, now_ms),
         _dormant(profile, churn, rules, now_ms),
         _low_p_alive(p_alive, expected_90d, rules),
         _complaint_unresolved(profile, rules, now_ms),
@@ -58,29 +60,79 @@ def next_change_ms(profile: CustomerProfile, churn: ChurnState, account: Account
     """The first moment after `now_ms` at which time alone may turn an indicator (points reminders
     and tier reviews wake the customer through the ledger's own deadlines; the score's crossing
     through streams/churn/score.py)."""
-    indicators = rules.indicators
+    offsets = _offsets(rules)
+    # Every moment at which an indicator may turn, gathered and then the first after now.
     moments: list[int] = []
     gap = _gap_deadline(churn, rules)
     if gap is not None:
         moments.append(gap)
-    for falling, kinds in ((indicators.frequency_falling, (trailing.PURCHASE,)),
-                           (indicators.activity_falling, (trailing.SESSION, trailing.SIGN_IN))):
-        for occurred, kind, _, _ in profile.recent:
-            if kind in kinds:
-                moments += [occurred + falling.recent_days * DAY_MS,
-                            occurred + (falling.recent_days + falling.prior_days) * DAY_MS]
+    # Each recent entry turns a window indicator when it moves from the recent window to the prior
+    # one and when it leaves the prior one (falling), or leaves the refund window: of its moments,
+    # only the earliest still to come can be the first (offsets are ascending per kind).
+    by_kind = offsets.entry_ms
+    for occurred, kind, _, _ in profile.recent:
+        entry_offsets = by_kind.get(kind)
+        if entry_offsets:
+            for offset in entry_offsets:
+                if occurred + offset > now_ms:
+                    moments.append(occurred + offset)
+                    break
     if churn.purchase_day_count and profile.last_seen_ms is not None:
-        moments += [profile.last_seen_ms + days * DAY_MS for days in indicators.dormant.days]
-    moments += [filed + indicators.complaint_unresolved.hours * HOUR_MS for filed in profile.open_complaints.values()]
-    for kind, low in (("nps", indicators.nps_detractor), ("csat", indicators.csat_low)):
-        answers = profile.surveys.get(kind)
-        if answers:
-            moments.append(answers[-1][0] + low.within_days * DAY_MS)
-    moments += [occurred + indicators.repeated_refunds.within_days * DAY_MS
-                for occurred, kind, _, _ in profile.recent if kind == trailing.REFUND]
+        moments += [profile.last_seen_ms + offset for offset in offsets.dormant_ms]
+    if profile.open_complaints:
+        moments += [filed + offsets.complaint_ms for filed in profile.open_complaints.values()]
+    surveys = profile.surveys
+    if surveys:
+        for kind, within_ms in offsets.survey_ms:
+            answers = surveys.get(kind)
+            if answers:
+                moments.append(answers[-1][0] + within_ms)
     if account.tier_review_ms is not None:
-        moments.append(account.tier_review_ms - indicators.tier_at_risk.within_days * DAY_MS)
-    return min((moment for moment in moments if moment > now_ms), default=None)
+        moments.append(account.tier_review_ms - offsets.tier_ms)
+    return min([moment for moment in moments if moment > now_ms], default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Offsets:
+    """A rules version's look-backs in milliseconds, for `next_change_ms`."""
+    entry_ms: dict[str, tuple[int, ...]]   # recent-entry kind -> ascending offsets from its event time
+    dormant_ms: tuple[int, ...]
+    complaint_ms: int
+    survey_ms: tuple[tuple[str, int], ...]
+    tier_ms: int
+
+
+# Rules version id -> (the version, its offsets). Versions live as long as the worker; the entry
+# holds the version so that its id stays its own.
+_OFFSETS: dict[int, tuple[ChurnRulesVersion, _Offsets]] = {}
+
+
+def _offsets(rules: ChurnRulesVersion) -> _Offsets:
+    cached = _OFFSETS.get(id(rules))
+    if cached is not None and cached[0] is rules:
+        return cached[1]
+    indicators = rules.indicators
+    entry_ms: dict[str, list[int]] = {}
+    for falling, kinds in ((indicators.frequency_falling, _FREQUENCY_KINDS),
+                           (indicators.activity_falling, _ACTIVITY_KINDS)):
+        for kind in kinds:
+            entry_ms.setdefault(kind, []).extend([falling.recent_days * DAY_MS,
+                                                  (falling.recent_days + falling.prior_days) * DAY_MS])
+    entry_ms.setdefault(trailing.REFUND, []).append(indicators.repeated_refunds.within_days * DAY_MS)
+    offsets = _Offsets(
+        entry_ms={kind: tuple(sorted(values)) for kind, values in entry_ms.items()},
+        dormant_ms=tuple(days * DAY_MS for days in indicators.dormant.days),
+        complaint_ms=indicators.complaint_unresolved.hours * HOUR_MS,
+        survey_ms=(("nps", indicators.nps_detractor.within_days * DAY_MS),
+                   ("csat", indicators.csat_low.within_days * DAY_MS)),
+        tier_ms=indicators.tier_at_risk.within_days * DAY_MS,
+    )
+    _OFFSETS[id(rules)] = (rules, offsets)
+    return offsets
+
+
+_FREQUENCY_KINDS = (trailing.PURCHASE,)
+_ACTIVITY_KINDS = (trailing.SESSION, trailing.SIGN_IN)
 
 
 def _days(ms: float) -> float:
@@ -97,8 +149,13 @@ def _gap_deadline(churn: ChurnState, rules: ChurnRulesVersion) -> int | None:
 
 
 def _median_gap(churn: ChurnState) -> float:
-    days = churn.purchase_days
-    return median(later - earlier for earlier, later in pairwise(days))
+    """statistics.median of the gaps between purchase days (the same arithmetic, without its
+    overhead: this runs at every evaluation)."""
+    gaps = sorted([later - earlier for earlier, later in pairwise(churn.purchase_days)])
+    middle = len(gaps) // 2
+    if len(gaps) % 2:
+        return gaps[middle]
+    return (gaps[middle - 1] + gaps[middle]) / 2
 
 
 def _purchase_gap(churn: ChurnState, rules: ChurnRulesVersion, now_ms: int) -> Finding | None:

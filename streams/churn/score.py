@@ -30,7 +30,15 @@ def _inputs(churn: ChurnState, model: ChurnModelPublished, now_ms: int) -> tuple
 
 
 def _params(model: ChurnModelPublished) -> bgnbd.Params:
-    return bgnbd.Params(r=model.r, alpha=model.alpha, a=model.a, b=model.b)
+    cached = _PARAMS.get(id(model))
+    if cached is None or cached[0] is not model:
+        cached = _PARAMS[id(model)] = (model, bgnbd.Params(r=model.r, alpha=model.alpha, a=model.a, b=model.b))
+    return cached[1]
+
+
+# Model id() -> (the model, its parameters): models are parsed once per process and asked for at
+# every evaluation. The entry holds the model so that its id stays its own.
+_PARAMS: dict[int, tuple[ChurnModelPublished, bgnbd.Params]] = {}
 
 
 def score(churn: ChurnState, model: ChurnModelPublished | None, now_ms: int) -> Score | None:
@@ -49,8 +57,22 @@ def falls_below_ms(churn: ChurnState, model: ChurnModelPublished | None, thresho
     """The event time at which P(alive) falls below `threshold` with no further purchase."""
     if model is None or churn.purchase_day_count < 2:
         return None
+    # A function of the model and the purchase history alone, asked for at every deadline while
+    # the history stays the same: the last answer is kept.
+    key = (model, churn.purchase_day_count, churn.first_purchase_ms, churn.last_purchase_ms, threshold)
+    last = _LastFall.last
+    if last is not None and last[0][0] is model and last[0][1:] == key[1:]:
+        return last[1]
     x, t_x, _ = _inputs(churn, model, churn.last_purchase_ms)  # type: ignore[arg-type]
     age = bgnbd.p_alive_falls_below_at(_params(model), x, t_x, threshold)
-    if age is None:
-        return None
-    return churn.first_purchase_ms + math.ceil(age * model.time_unit_days * DAY_MS)  # type: ignore[operator]
+    moment = None
+    if age is not None:
+        moment = churn.first_purchase_ms + math.ceil(age * model.time_unit_days * DAY_MS)  # type: ignore[operator]
+    _LastFall.last = (key, moment)
+    return moment
+
+
+class _LastFall:
+    """`falls_below_ms`'s last inputs (the model compared by identity: the key holds it) and
+    answer, as one tuple replaced whole."""
+    last: tuple[tuple[object, ...], int | None] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import calendar
 from datetime import UTC, datetime
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 DAY_MS = 86_400_000
@@ -20,6 +21,10 @@ def from_ms(millis: int, zone: ZoneInfo | None = None) -> datetime:
     return moment.astimezone(zone) if zone else moment
 
 
+# The calendar functions below are pure, and folds ask the same questions over and over (a tier
+# review walks the same month starts for every member; a balance and its pruning both ask for the
+# start of the qualifying window): remembered per process, bounded.
+@lru_cache(maxsize=4096)
 def add_months(millis: int, months: int, zone: ZoneInfo) -> int:
     """The same local wall-clock time `months` later (clamped to the month's last day)."""
     local = from_ms(millis, zone)
@@ -29,6 +34,7 @@ def add_months(millis: int, months: int, zone: ZoneInfo) -> int:
     return to_ms(local.replace(year=year, month=month + 1, day=day))
 
 
+@lru_cache(maxsize=4096)
 def period_start_after(millis: int, period: str, zone: ZoneInfo) -> int:
     """The first local midnight that starts a calendar month/quarter/year strictly after `millis`."""
     step = PERIOD_MONTHS[period]
@@ -38,6 +44,7 @@ def period_start_after(millis: int, period: str, zone: ZoneInfo) -> int:
     return to_ms(datetime(year, month + 1, 1, tzinfo=zone))
 
 
+@lru_cache(maxsize=1024)
 def month_start(year: int, month: int, zone: ZoneInfo) -> int:
     return to_ms(datetime(year, month, 1, tzinfo=zone))
 

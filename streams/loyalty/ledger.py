@@ -15,8 +15,12 @@ deltas, so a balance always equals the sum of its movements."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from collections import deque
+from dataclasses import MISSING, dataclass, field
 from decimal import Decimal
+from functools import lru_cache
+from itertools import repeat
+from operator import attrgetter, call, itemgetter
 from typing import Any, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -95,19 +99,21 @@ class Account:
     # Lots and orders are stored as lists in field order: the account is read and written on every
     # event, and this is several times faster than dataclasses.asdict and keyword construction.
     # Scalars at their default are left out, as in the profile: most accounts are mostly empty.
+    # customer_key comes first and always: the stored bytes must not depend on how the dict was built.
     def to_dict(self) -> dict[str, Any]:
-        data = {name: value for name, default in _ACCOUNT_SCALARS.items()
-                if (value := getattr(self, name)) != default or name == "customer_key"}
-        data["lots"] = [[getattr(lot, name) for name in _LOT_FIELDS] for lot in self.lots]
-        data["orders"] = {order_id: [getattr(order, name) for name in _ORDER_FIELDS]
-                          for order_id, order in self.orders.items()}
+        data = {"customer_key": self.customer_key}
+        for name, value, default in zip(_STORED_SCALARS, _stored_scalar_values(self), _STORED_DEFAULTS):
+            if value != default:
+                data[name] = value
+        data["lots"] = [list(_lot_values(lot)) for lot in self.lots]
+        data["orders"] = {order_id: list(_order_values(order)) for order_id, order in self.orders.items()}
         data["qualifying"] = [list(entry) for entry in self.qualifying]
         data["handled_ids"] = list(self.handled_ids)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Account:
-        account = cls(**{name: data[name] for name in _ACCOUNT_SCALARS if name in data})
+        account = _new_account([data[name] if name in data else default for name, default in _SCALAR_DEFAULTS])
         account.lots = [Lot(*values) for values in data["lots"]]
         account.orders = {order_id: Order(*values) for order_id, values in data["orders"].items()}
         account.qualifying = [list(entry) for entry in data["qualifying"]]
@@ -115,17 +121,43 @@ class Account:
         return account
 
     def copy(self) -> Account:
-        return Account.from_dict(self.to_dict())
+        """A working copy that shares nothing a fold changes in place: what
+        `Account.from_dict(self.to_dict())` gives, without the round trip. (`last_balance` is
+        shared, as that round trip shares it: folds replace it, never change it.)"""
+        account = _new_account(list(_scalar_values(self)))
+        account.lots = [Lot(*_lot_values(lot)) for lot in self.lots]
+        account.orders = {order_id: Order(*_order_values(order)) for order_id, order in self.orders.items()}
+        account.qualifying = [list(entry) for entry in self.qualifying]
+        account.handled_ids = list(self.handled_ids)
+        return account
 
 
 _LOT_FIELDS = tuple(Lot.__dataclass_fields__)
 _ORDER_FIELDS = tuple(Order.__dataclass_fields__)
+_lot_values = attrgetter(*_LOT_FIELDS)
+_order_values = attrgetter(*_ORDER_FIELDS)
 _ACCOUNT_SCALARS = {name: spec.default for name, spec in Account.__dataclass_fields__.items()
                     if name not in ("lots", "orders", "qualifying", "handled_ids")}
+_SCALAR_NAMES = tuple(_ACCOUNT_SCALARS)
+assert _SCALAR_NAMES[0] == "customer_key"
+assert tuple(Account.__dataclass_fields__)[len(_SCALAR_NAMES):] == ("lots", "orders", "qualifying", "handled_ids")
+_SCALAR_DEFAULTS = tuple(_ACCOUNT_SCALARS.items())
+_scalar_values = attrgetter(*_SCALAR_NAMES)
+_STORED_SCALARS = _SCALAR_NAMES[1:]
+_STORED_DEFAULTS = tuple(_ACCOUNT_SCALARS[name] for name in _STORED_SCALARS)
+_stored_scalar_values = attrgetter(*_STORED_SCALARS)
 
 
-def _fields_dict(item: Any) -> dict[str, Any]:
-    return {name: getattr(item, name) for name in item.__dataclass_fields__}
+def _new_account(scalars: list[Any]) -> Account:
+    """An account with these scalars (in field order) and lists still to be set by the caller."""
+    if scalars[0] is MISSING:
+        raise TypeError("Account needs a customer_key")
+    account = object.__new__(Account)
+    deque(map(call, _SCALAR_SETTERS, repeat(account), scalars), maxlen=0)
+    return account
+
+
+_SCALAR_SETTERS = tuple(Account.__dict__[name].__set__ for name in _SCALAR_NAMES)  # the slots themselves
 
 
 # --- outputs --------------------------------------------------------------------------------------
@@ -156,7 +188,7 @@ class Movement:
     reference: str = ""        # order, refund, reward or adjustment id the movement is about
 
     def to_dict(self) -> dict[str, Any]:
-        return _fields_dict(self)
+        return dict(zip(_MOVEMENT_FIELDS, _movement_values(self)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +204,7 @@ class TierChanged:
     rules_version: str
 
     def to_dict(self) -> dict[str, Any]:
-        return _fields_dict(self)
+        return dict(zip(_TIER_CHANGED_FIELDS, _tier_changed_values(self)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +233,7 @@ class Balance:
     point_value_currency: str
 
     def to_dict(self) -> dict[str, Any]:
-        return _fields_dict(self)
+        return dict(zip(_BALANCE_FIELDS, _balance_values(self)))
 
     def same_figures(self, other: dict[str, Any] | None) -> bool:
         """Whether `other` (an earlier balance's dict) says the same, version and as-of aside."""
@@ -209,6 +241,13 @@ class Balance:
 
 
 _BALANCE_FIGURES = tuple(name for name in Balance.__dataclass_fields__ if name not in ("version", "as_of_ms"))
+_MOVEMENT_FIELDS = tuple(Movement.__dataclass_fields__)
+_movement_values = attrgetter(*_MOVEMENT_FIELDS)
+_TIER_CHANGED_FIELDS = tuple(TierChanged.__dataclass_fields__)
+_tier_changed_values = attrgetter(*_TIER_CHANGED_FIELDS)
+_BALANCE_FIELDS = tuple(Balance.__dataclass_fields__)
+_balance_figures = itemgetter(*_BALANCE_FIGURES)
+_balance_values = attrgetter(*_BALANCE_FIELDS)
 LoyaltyOutput = Union[Movement, TierChanged, Balance]
 
 
@@ -239,10 +278,14 @@ def advance(account: Account, until_ms: int, book: RulesBook) -> tuple[Account, 
     """The account once event time has reached `until_ms` with no event from the member."""
     if until_ms <= account.clock_ms:
         return account, []
-    fold = _Fold(account, account.customer_key, book)
-    rules = fold.rules(account.clock_ms)
+    rules = book.at_ms(account.clock_ms)
     # A lot entering the reminder window changes no points, only the "expiring soon" figure.
     reminded = any(account.clock_ms < moment <= until_ms for moment in _reminders(account, rules))
+    if not reminded and not any(moment <= until_ms for moment, _, _ in _actions(account, rules)):
+        # Nothing due (run_due's first look, which reads nothing the working copy would change):
+        # the usual tick for a member, answered without copying the account.
+        return account, []
+    fold = _Fold(account, account.customer_key, book)
     acted = fold.run_due(until_ms)
     fold.account.clock_ms = until_ms
     if not (acted or reminded):
@@ -284,11 +327,19 @@ def _birthday_due(account: Account, rules: RulesVersion) -> int | None:
     """Start of the next birthday month not yet rewarded (now, if the member is in it)."""
     if account.birth_month is None or not rules.bonuses.birthday_month:
         return None
-    local = from_ms(account.clock_ms, rules.zone)
-    year = local.year + (1 if local.month > account.birth_month else 0)
+    local_year, local_month = _year_month(account.clock_ms, rules.zone)
+    year = local_year + (1 if local_month > account.birth_month else 0)
     if account.birthday_awarded_year is not None and account.birthday_awarded_year >= year:
         year = account.birthday_awarded_year + 1
     return max(month_start(year, account.birth_month, rules.zone), account.clock_ms)
+
+
+@lru_cache(maxsize=256)
+def _year_month(millis: int, zone: ZoneInfo) -> tuple[int, int]:
+    """The local year and month at `millis`: asked again for the same clock while one event or tick
+    is folded (every look at what is due), so remembered for the last few."""
+    local = from_ms(millis, zone)
+    return local.year, local.month
 
 
 class _Fold:
@@ -609,12 +660,14 @@ class _Fold:
         account = self.account
         rules = self.rules(account.clock_ms)
         self._prune(rules)
-        current = balance(account, rules, self._qualifying_at(account.clock_ms, rules))
-        if self.outputs or not current.same_figures(account.last_balance):
+        # The balance's figures as a dict first: compared with the last one and, only if they
+        # differ, made into the output with its new version (one construction, not two).
+        current = _balance_dict(account, rules, self._qualifying_at(account.clock_ms, rules))
+        if self.outputs or not _same_figures(current, account.last_balance):
             account.version += 1
-            current = replace(current, version=account.version)
-            account.last_balance = current.to_dict()
-            self.outputs.append(current)
+            current["version"] = account.version
+            self.outputs.append(Balance(**current))
+            account.last_balance = current
         return account, self.outputs
 
     def _prune(self, rules: RulesVersion) -> None:
@@ -633,21 +686,46 @@ def qualifying_at(account: Account, at: int, rules: RulesVersion) -> int:
 
 
 def balance(account: Account, rules: RulesVersion, qualifying: int) -> Balance:
+    return Balance(**_balance_dict(account, rules, qualifying))
+
+
+def _balance_dict(account: Account, rules: RulesVersion, qualifying: int) -> dict[str, Any]:
+    """`balance(...).to_dict()`: the same keys in the same (field) order, as it is stored."""
     reminder_until = account.clock_ms + rules.expiry.reminder_days * DAY_MS
-    available_lots = [lot for lot in account.lots if not lot.pending and lot.expires_ms is not None]
-    return Balance(
-        customer_key=account.customer_key, version=account.version, as_of_ms=account.clock_ms,
-        available=account.available, pending=account.pending, debt=account.debt, earned=account.earned,
-        redeemed=account.redeemed, expired=account.expired, reversed=account.reversed,
-        adjusted=account.adjusted,
-        expiring_soon=sum(lot.points for lot in available_lots if lot.expires_ms <= reminder_until),  # type: ignore[operator]
-        expiring_soon_days=rules.expiry.reminder_days,
-        next_expiry_ms=min((lot.expires_ms for lot in available_lots), default=None),  # type: ignore[type-var]
-        tier=account.tier, tier_since_ms=account.tier_since_ms, qualifying=qualifying,
-        tier_review_ms=account.tier_review_ms, tier_after_review=account.tier_after_review,
-        rules_version=rules.version, point_value=str(rules.redemption.point_value),
-        point_value_currency=rules.redemption.point_value_currency,
-    )
+    expiring_soon = 0
+    next_expiry = None
+    for lot in account.lots:
+        expires = lot.expires_ms
+        if lot.pending or expires is None:
+            continue
+        if expires <= reminder_until:
+            expiring_soon += lot.points
+        if next_expiry is None or expires < next_expiry:
+            next_expiry = expires
+    redemption = rules.redemption
+    return {
+        "customer_key": account.customer_key, "version": account.version, "as_of_ms": account.clock_ms,
+        "available": account.available, "pending": account.pending, "debt": account.debt, "earned": account.earned,
+        "redeemed": account.redeemed, "expired": account.expired, "reversed": account.reversed,
+        "adjusted": account.adjusted, "expiring_soon": expiring_soon,
+        "expiring_soon_days": rules.expiry.reminder_days, "next_expiry_ms": next_expiry,
+        "tier": account.tier, "tier_since_ms": account.tier_since_ms, "qualifying": qualifying,
+        "tier_review_ms": account.tier_review_ms, "tier_after_review": account.tier_after_review,
+        "rules_version": rules.version, "point_value": str(redemption.point_value),
+        "point_value_currency": redemption.point_value_currency,
+    }
+
+
+def _same_figures(current: dict[str, Any], other: dict[str, Any] | None) -> bool:
+    """`Balance.same_figures` over a balance dict (its figures are ints, strings and None: equal
+    tuples are equal figures)."""
+    if other is None:
+        return False
+    try:
+        return _balance_figures(current) == _balance_figures(other)
+    except KeyError:
+        # A balance stored before a figure existed: compared in order, as Balance.same_figures does.
+        return all(current[name] == other[name] for name in _BALANCE_FIGURES)
 
 
 # --- pure helpers -----------------------------------------------------------------------------------

@@ -34,13 +34,38 @@ def standing(profile: CustomerProfile, at_ms: int, rules: SegmentRulesVersion,
     figures = facts(profile, at_ms, rules)
     if boundaries is not None and boundaries.currency != rules.currency:
         boundaries = None
-    tags = tuple(sorted(name for name, conditions in rules.tags.items()
-                        if all(bounds.holds(figures[field]) for field, bounds in conditions.items())))
+    tags = tuple(name for name, conditions in _tag_conditions(rules) if _hold(conditions, figures))
     if boundaries is None:
         return Standing("", (0, 0, 0), "", tags)
     scores = rfm_scores(figures, boundaries)
     segment = rules.rfm.segment_of(scores[0], (scores[1] + scores[2] + 1) // 2) if scores[0] else ""
     return Standing(value_tier(figures["spend_365d_minor"], boundaries), scores, segment, tags)
+
+
+Conditions = tuple[tuple[str, float | None, float | None], ...]  # (figure, min, max): Bounds, unpacked
+
+# Rules version id -> (the version, its tags sorted by name with their conditions unpacked): every
+# standing tests every tag. The entry holds the version so that its id stays its own.
+_TAG_CONDITIONS: dict[int, tuple[SegmentRulesVersion, tuple[tuple[str, Conditions], ...]]] = {}
+
+
+def _tag_conditions(rules: SegmentRulesVersion) -> tuple[tuple[str, Conditions], ...]:
+    cached = _TAG_CONDITIONS.get(id(rules))
+    if cached is None or cached[0] is not rules:
+        compiled = tuple((name, tuple((field, bounds.min, bounds.max) for field, bounds in conditions.items()))
+                         for name, conditions in sorted(rules.tags.items()))
+        cached = _TAG_CONDITIONS[id(rules)] = (rules, compiled)
+    return cached[1]
+
+
+def _hold(conditions: Conditions, figures: dict[str, Any]) -> bool:
+    """Whether every condition holds: what Bounds.holds says for each (inclusive bounds; a figure
+    that is None holds none)."""
+    for field, low, high in conditions:
+        value = figures[field]
+        if value is None or (low is not None and not value >= low) or (high is not None and not value <= high):
+            return False
+    return True
 
 
 def value_tier(spend_365d_minor: int, boundaries: SegmentBoundaries) -> str:
@@ -99,20 +124,45 @@ def next_change_ms(profile: CustomerProfile, after_ms: int, rules: SegmentRulesV
                    boundaries: SegmentBoundaries | None) -> int | None:
     """The first moment after `after_ms` at which time alone may change the standing: a recency
     score crossing a cut, a day count crossing a tag's bound, or an entry leaving a trailing window."""
-    moments = [trailing.next_change_ms(profile.recent, after_ms)]
-    if profile.last_purchase_ms is not None and boundaries is not None and boundaries.rfm is not None:
-        moments += [profile.last_purchase_ms + (cut + 1) * DAY_MS for cut in boundaries.rfm.recency_days]
+    best = trailing.next_change_ms(profile.recent, after_ms)
+    last_purchase = profile.last_purchase_ms
+    candidates: list[int] = []
+    if last_purchase is not None and boundaries is not None and boundaries.rfm is not None:
+        candidates += [last_purchase + (cut + 1) * DAY_MS for cut in boundaries.rfm.recency_days]
+    since_purchase, since_seen = _tag_day_bounds(rules)
+    if last_purchase is not None:
+        candidates += [last_purchase + offset for offset in since_purchase]
+    if profile.last_seen_ms is not None:
+        candidates += [profile.last_seen_ms + offset for offset in since_seen]
+    for moment in candidates:
+        if moment > after_ms and (best is None or moment < best):
+            best = moment
+    return best
+
+
+# Rules version -> (offsets from the last purchase, offsets from the last visit) at which a tag's
+# day-count condition may turn. Rules versions live as long as the worker; the entry holds the
+# version itself so that its id stays its own.
+_TAG_DAY_BOUNDS: dict[int, tuple[SegmentRulesVersion, tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+
+
+def _tag_day_bounds(rules: SegmentRulesVersion) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    cached = _TAG_DAY_BOUNDS.get(id(rules))
+    if cached is not None and cached[0] is rules:
+        return cached[1]
+    offsets: dict[str, list[int]] = {"days_since_last_purchase": [], "days_since_last_seen": []}
     for conditions in rules.tags.values():
         for field, bounds in conditions.items():
-            base = {"days_since_last_purchase": profile.last_purchase_ms,
-                    "days_since_last_seen": profile.last_seen_ms}.get(field)
-            if base is None:
+            if field not in offsets:
                 continue
+            # A day count d holds min once d >= min (ceil), and stops holding max once d > max.
             if bounds.min is not None:
-                moments.append(base + -int(-bounds.min // 1) * DAY_MS)
+                offsets[field].append(-int(-bounds.min // 1) * DAY_MS)
             if bounds.max is not None:
-                moments.append(base + (int(bounds.max // 1) + 1) * DAY_MS)
-    return min((m for m in moments if m is not None and m > after_ms), default=None)
+                offsets[field].append((int(bounds.max // 1) + 1) * DAY_MS)
+    bounds_ms = (tuple(offsets["days_since_last_purchase"]), tuple(offsets["days_since_last_seen"]))
+    _TAG_DAY_BOUNDS[id(rules)] = (rules, bounds_ms)
+    return bounds_ms
 
 
 def _days_since(millis: int | None, at_ms: int) -> int | None:

@@ -23,7 +23,7 @@ than the partition's clock was applied before, and only re-sends what it changed
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import singledispatch
 from datetime import UTC, datetime
 from typing import Any, MutableMapping
@@ -35,7 +35,6 @@ from schemas.codec import DecodeError, decode_catalog_event, decode_event, finge
 from schemas.identity import AliasEventAttributed, AliasLinked, derived_id
 from schemas.envelope import Envelope
 from streams.churn import fold as churn
-from streams.churn.state import ChurnState
 from streams.customer import CustomerState
 from streams.loyalty import ledger
 from streams.loyalty.calendar import to_ms
@@ -269,7 +268,7 @@ def _alias_linked(link: AliasLinked, fold: Fold) -> list[Output]:
         state.held = []
         state.linked_to = link.customer_id
         if state.profile.first_seen_ms is not None and not state.profile.merged_into:
-            state.profile = replace(state.profile, merged_into=link.customer_id, version=state.profile.version + 1)
+            state.profile = profiles.evolve(state.profile, merged_into=link.customer_id, version=state.profile.version + 1)
             outputs.insert(0, ProfileChanged(state.profile))
     state.last_offset = record.offset
     _save(fold, state, outputs)
@@ -326,7 +325,7 @@ def _wake(state: CustomerState, now: int, fold: Fold) -> list[Output] | None:
     profile = _with_loyalty(profile, account)
     alerts: list[dict[str, Any]] = []
     # The churn fold changes its state in place; a customer the tick leaves unchanged keeps its own.
-    churn_state = ChurnState.from_dict(state.churn.to_dict())
+    churn_state = state.churn.copy()
     if profile.customer_id is not None:
         profile, alerts = churn.after_time(profile, churn_state, account, model, rules.churn, state.profile.clock_ms)
     news = profile.figures() != state.profile.figures()
@@ -342,7 +341,7 @@ def _wake(state: CustomerState, now: int, fold: Fold) -> list[Output] | None:
                + _alert_outputs(customer_key, alerts))
     if news:
         # A new version only when a figure changed, not for the clock alone.
-        state.profile = replace(profile, version=profile.version + 1)
+        state.profile = profiles.evolve(profile, version=profile.version + 1)
         outputs.insert(0, ProfileChanged(state.profile))
     _save(fold, state, outputs, due)
     return outputs

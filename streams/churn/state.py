@@ -65,6 +65,14 @@ class ChurnState:
             data["scored"] = self.scored_ms
         return data
 
+    def copy(self) -> ChurnState:
+        """A working copy that the churn fold may change in place (it does) without touching this one."""
+        return ChurnState(list(self.purchase_days), self.first_purchase_ms, self.last_purchase_ms,
+                          self.purchase_day_count,
+                          {kind: OpenAlert(a.alert_id, a.version, a.opened_ms, a.severity, list(a.codes))
+                           for kind, a in self.open.items()},
+                          self.opened_count, {kind: list(codes) for kind, codes in self.quiet.items()}, self.scored_ms)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ChurnState:
         if not data:

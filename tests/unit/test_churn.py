@@ -291,3 +291,18 @@ def test_a_bad_churn_model_record_is_dead_lettered_and_the_worker_goes_on():
     assert isinstance(letter, DeadLetter) and letter.reason == "schema_invalid" and "r" in letter.detail
     regular_buyer(log)
     assert load_customer(log.store, "c-1").profile.churn_model_id == ""
+
+
+def test_a_working_copy_of_the_churn_state_shares_nothing_that_the_fold_changes_in_place():
+    from streams.churn.state import ChurnState, OpenAlert
+
+    state = ChurnState([1, 2], 1, 2, 2, {"churn_risk": OpenAlert("a", 1, 5, "high", ["dormant"])}, 1,
+                       {"bad_experience": ["nps_detractor"]}, 9)
+    copy = state.copy()
+    assert copy == state
+    copy.open["churn_risk"].version += 1
+    copy.open["churn_risk"].codes.append("purchase_gap")
+    copy.quiet["bad_experience"].append("csat_low")
+    copy.purchase_days.append(3)
+    assert state.open["churn_risk"] == OpenAlert("a", 1, 5, "high", ["dormant"])
+    assert state.quiet == {"bad_experience": ["nps_detractor"]} and state.purchase_days == [1, 2]

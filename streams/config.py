@@ -37,7 +37,7 @@ class Settings:
     # front of RocksDB (streams/state.py).
     worker_batch_size: int = field(default_factory=lambda: int(os.environ.get("CRM_WORKER_BATCH_SIZE", "2000")))
     worker_batch_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_WORKER_BATCH_SECONDS", "0.1")))
-    state_cache_keys: int = field(default_factory=lambda: int(os.environ.get("CRM_STATE_CACHE_KEYS", "20000")))
+    state_cache_keys: int = field(default_factory=lambda: int(os.environ.get("CRM_STATE_CACHE_KEYS", "5000")))
     # How often the projection writer recomputes the population boundaries of value tiers and RFM
     # scores and appends them to the events log (projections/boundaries.py); 0 turns that off.
     boundaries_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_BOUNDARIES_SECONDS", "3600")))

@@ -18,12 +18,16 @@ a log that did not move meanwhile, live and replaced must be identical."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import orjson
@@ -34,9 +38,9 @@ from kafka.partitioner.default import murmur2
 from projections.writer import COLUMNS, SINKS
 from streams import topics
 from streams.batch import fold_batch
-from streams.config import Settings
-from streams.records import SourceRecord
-from streams.rulebooks import Rulebooks
+from streams.config import Settings, settings
+from streams.records import SourceRecord, TopicRecord
+from streams.rulebooks import Rulebooks, load_rulebooks
 from streams.state import PartitionState
 from streams.state_rocksdb import RocksDBBackend
 
@@ -75,13 +79,14 @@ class Rebuild:
                                  max_poll_records=5000, fetch_max_bytes=64 * 1024 * 1024)
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.scratch.mkdir(parents=True)
-        backends = {p: RocksDBBackend(self.scratch / str(p)) for p in range(topics.EVENT_PARTITIONS)}
-        states = {p: PartitionState(p, backend, self.settings.state_cache_keys) for p, backend in backends.items()}
+        backends: dict[int, RocksDBBackend] = {}
         try:
-            built_until = self._end_offsets(consumer)
-            self._read(consumer, built_until, states, suffix=REBUILD)
+            self._build(consumer, self._end_offsets(consumer))
             build_seconds = time.monotonic() - started
             self.swap()
+            # The folding processes have closed their state; the catch-up folds here, from where they stopped.
+            backends = {p: RocksDBBackend(self.scratch / str(p)) for p in range(topics.EVENT_PARTITIONS)}
+            states = {p: PartitionState(p, backend, self.settings.state_cache_keys) for p, backend in backends.items()}
             self._read(consumer, self._end_offsets(consumer), states, suffix="")
         finally:
             consumer.close()
@@ -90,6 +95,52 @@ class Rebuild:
             shutil.rmtree(self.scratch, ignore_errors=True)
         return {"records": self.records_read, "build_seconds": build_seconds,
                 "records_per_second": self.records_read / max(build_seconds, 1e-9)}
+
+    def _build(self, consumer: KafkaConsumer, until: dict[TopicPartition, int]) -> None:
+        """The rebuild tables from both logs up to `until`: the dead letters read here, the events
+        folded by one process per core (partitions share no state, so they fold apart; the fold is
+        the rebuild's cost), whose outputs this process turns into rows and inserts."""
+        self._read(consumer, {tp: end for tp, end in until.items() if tp.topic == topics.DEAD_LETTERS.name}, {},
+                   suffix=REBUILD)
+        events_until = {tp.partition: end for tp, end in until.items() if tp.topic == topics.EVENTS.name}
+        processes = max(1, min(os.cpu_count() or 1, topics.EVENT_PARTITIONS))
+        groups = [[p for p in range(topics.EVENT_PARTITIONS) if p % processes == n] for n in range(processes)]
+        context = multiprocessing.get_context("spawn")  # this process may hold chdb and threads: no fork
+        queue = context.Queue(maxsize=16)
+        children = [context.Process(target=fold_partitions, name=f"crm-rebuild-fold-{n}", daemon=True,
+                                    args=({p: events_until[p] for p in group}, str(self.scratch), queue))
+                    for n, group in enumerate(groups)]
+        for child in children:
+            child.start()
+        rows: dict[str, list[list[Any]]] = defaultdict(list)
+        total = sum(until.values())
+        try:
+            finished = 0
+            while finished < len(children):
+                try:
+                    kind, payload = queue.get(timeout=5)
+                except Empty:
+                    if any(child.exitcode not in (None, 0) for child in children):
+                        raise RuntimeError("a folding process of the rebuild died; see the writer's log") from None
+                    continue
+                if kind == "failed":
+                    raise RuntimeError(f"a folding process of the rebuild failed:\n{payload}")
+                if kind == "done":
+                    for partition, position in payload.items():
+                        self.positions[TopicPartition(topics.EVENTS.name, partition)] = position
+                    finished += 1
+                    continue
+                count, records = payload
+                self.records_read += count
+                self._output_rows([TopicRecord(*record) for record in records], rows)
+                self._insert(rows, REBUILD, at_least=INSERT_EVERY)
+                self.progress(self.records_read, total)
+            self._insert(rows, REBUILD, at_least=1)
+        finally:
+            for child in children:
+                child.join(timeout=30)
+                if child.is_alive():
+                    child.kill()
 
     def prepare(self) -> None:
         for table in TABLES:
@@ -138,16 +189,16 @@ class Rebuild:
                     self.positions[tp] = record.offset + 1
                     self.records_read += 1
             # Every output goes straight to a table, so everything before a record counts as delivered.
-            self._output_rows(fold_batch(events, states.__getitem__, self.rules), rows)
+            self._output_rows([output.to_record() for output in fold_batch(events, states.__getitem__, self.rules)],
+                              rows)
             for state in states.values():
                 state.flush()
             self._insert(rows, suffix, at_least=INSERT_EVERY)
             self.progress(sum(self.positions.values()), total)
         self._insert(rows, suffix, at_least=1)
 
-    def _output_rows(self, outputs: list[Any], rows: dict[str, list[list[Any]]]) -> None:
-        for output in outputs:
-            sent = output.to_record()
+    def _output_rows(self, sent_records: list[TopicRecord | None], rows: dict[str, list[list[Any]]]) -> None:
+        for sent in sent_records:
             if sent is None or sent.topic not in SINKS or sent.topic == topics.DEAD_LETTERS.name:
                 continue  # dead letters come from their own log; forwards are in crm.events already
             partition = (murmur2(sent.key) & 0x7FFFFFFF) % topics.EVENT_PARTITIONS if sent.key else 0
@@ -162,6 +213,50 @@ class Rebuild:
             if len(pending) >= at_least:
                 self.client.insert(f"{self.db}.{table}{suffix}", pending, column_names=COLUMNS[table])
                 pending.clear()
+
+
+def fold_partitions(until: dict[int, int], scratch: str, out: Any) -> None:
+    """A folding process of the rebuild: the events of its partitions from offset 0 up to `until`,
+    folded in the consumer's batches exactly as the worker does (streams/batch.py), against state in
+    the scratch RocksDB, which it leaves closed for the catch-up. It sends ("records", (count,
+    [the outputs' records])) per batch, then ("done", {partition: next offset}), or ("failed", traceback)."""
+    consumer = None
+    backends: dict[int, RocksDBBackend] = {}
+    try:
+        config = settings()
+        rules = load_rulebooks(config)
+        consumer = KafkaConsumer(bootstrap_servers=config.kafka_bootstrap, enable_auto_commit=False,
+                                 max_poll_records=5000, fetch_max_bytes=64 * 1024 * 1024)
+        backends = {p: RocksDBBackend(Path(scratch) / str(p)) for p in until}
+        states = {p: PartitionState(p, backend, config.state_cache_keys) for p, backend in backends.items()}
+        positions = dict.fromkeys(until, 0)
+        wanted = [TopicPartition(topics.EVENTS.name, p) for p, end in until.items() if end > 0]
+        if wanted:
+            consumer.assign(wanted)
+            for tp in wanted:
+                consumer.seek(tp, 0)
+        while any(positions[p] < end for p, end in until.items()):
+            events: list[SourceRecord] = []
+            for tp, records in consumer.poll(timeout_ms=1000).items():
+                for record in records:
+                    if record.offset >= until[tp.partition]:
+                        consumer.pause(tp)
+                        break
+                    events.append(SourceRecord(record.key, record.value or b"", record.partition, record.offset,
+                                               record.timestamp, record.topic))
+                    positions[tp.partition] = record.offset + 1
+            sent = [output.to_record() for output in fold_batch(events, states.__getitem__, rules)]
+            for state in states.values():
+                state.flush()
+            out.put(("records", (len(events), [(r.topic, r.key, r.value, r.headers) for r in sent if r is not None])))
+        out.put(("done", positions))
+    except BaseException:
+        out.put(("failed", traceback.format_exc()))
+    finally:
+        if consumer is not None:
+            consumer.close()
+        for backend in backends.values():
+            backend.close()
 
 
 @dataclass(frozen=True)

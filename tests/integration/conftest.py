@@ -43,10 +43,24 @@ class Worker:
                                         env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
                                         start_new_session=True)
 
+    def variant(self, log_path: Path, **env: str) -> Worker:
+        """Another worker process like this one, with these environment variables changed (for
+        example CRM_FAILPOINTS, or CRM_STATE_DIR for a second worker beside this one); not started."""
+        return Worker({**self.env, **env}, log_path)
+
     def kill(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_until_dead(self, timeout: float) -> int:
+        """The process's return code once it has ended (-9: killed by SIGKILL)."""
+        assert self.process is not None
+        return self.process.wait(timeout)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from kafka import KafkaConsumer, TopicPartition
 
 from streams import topics
 from tests.factories import encoded, event
+from tests.integration.fold_check import assert_projections_equal_the_fold, event_rows, pure_fold, send_workload
 
 
 def unique_customer(prefix: str) -> str:
@@ -107,175 +108,30 @@ def test_an_event_delivered_twice_changes_nothing(stack):
     assert stack.query("SELECT count() FROM events WHERE customer_key = {c:String}", {"c": customer})[0][0] == 2
 
 
-def wait_until_equal(stack, projected, expected: dict, what: str) -> None:
-    try:
-        stack.wait_for(lambda: projected() == expected, timeout=300, what=f"{what} equal to the pure fold")
-    except AssertionError:
-        got = projected()
-        missing = sorted(set(expected) - set(got))[:5]
-        extra = sorted(set(got) - set(expected))[:5]
-        differ = [(k, got[k], expected[k]) for k in sorted(set(got) & set(expected)) if got[k] != expected[k]][:5]
-        raise AssertionError(f"{what}: {len(got)} in ClickHouse, {len(expected)} expected; missing {missing}; "
-                             f"extra {extra}; different (got, want) {differ}") from None
-
-
-def tick(partition: int, at: str) -> bytes:
-    return encoded({"event_id": str(uuid.uuid4()), "type": "clock_ticked", "occurred_at": at, "partition": partition})
-
-
 def test_projections_in_clickhouse_equal_the_pure_fold_over_the_log_after_a_worker_crash(stack):
     """SIGKILL the worker mid-stream, restart it, and compare every profile, event row, ledger
     movement, points balance, segment change and churn alert change in ClickHouse with
     `pipeline.process` run over the same records read back from the events topic. Clock ticks in the
     stream make points mature and expire, move quiet customers from stage to stage, and open and
     close churn alerts."""
-    from streams.config import settings as crm_settings
-    from streams.rulebooks import load_rulebooks
-    from streams.pipeline import (
-        AlertChanged, BalanceChanged, LedgerEntry, ProfileChanged, SegmentChanged, SourceRecord, load_customer,
-        process,
-    )
-
     prefix = f"crash-{uuid.uuid4().hex[:6]}"
-    customers = [f"{prefix}-{n:03d}" for n in range(120)]
-    kinds = ("purchase_completed", "product_viewed", "purchase_refunded", "daily_sign_in",
-             "purchase_completed", "points_redemption_requested", "content_shared", "customer_registered")
-    payloads = {
-        "points_redemption_requested": lambda n: {"request_id": f"q-{n}", "reward_id": "voucher", "points": 100},
-        "content_shared": lambda n: {"content_type": "product", "content_id": f"p-{n}"},
-        "customer_registered": lambda n: {"birthday": f"1990-{1 + n % 12:02d}-15"},
-    }
-    sent = []
-    for n in range(2400):
-        # Every customer meets every kind of event, over four weeks of event time.
-        customer = customers[n % len(customers)]
-        kind = kinds[(n // len(customers) + n) % len(kinds)]
-        extra = {"payload": payloads[kind](n)} if kind in payloads else {}
-        occurred = datetime(2026, 2, 1, tzinfo=UTC) + timedelta(minutes=10 * n)
-        body = event(kind, customer_id=customer, occurred_at=occurred.isoformat(), **extra)
-        sent.append(body)
-        stack.send(customer.encode(), encoded(body))
-        if n % 10 == 3:  # a producer retry
-            stack.send(customer.encode(), encoded(body))
-        if n in (600, 1500, 2399):  # time passes: points mature, later some expire
-            at = {600: "2026-02-18T00:00:00+00:00", 1500: "2026-03-01T00:00:00+00:00",
-                  2399: "2027-03-10T00:00:00+00:00"}[n]
-            for partition in range(topics.EVENT_PARTITIONS):
-                stack.send(b"clock", tick(partition, at), partition=partition)
-    stack.flush()
+    sent = send_workload(stack, prefix, customers=120, events=2400, start=datetime(2026, 2, 1, tzinfo=UTC),
+                         ticks={600: datetime(2026, 2, 18, tzinfo=UTC), 1500: datetime(2026, 3, 1, tzinfo=UTC),
+                                2399: datetime(2027, 3, 10, tzinfo=UTC)})
 
-    def rows_for_prefix() -> int:
-        return stack.query("SELECT count() FROM events FINAL WHERE startsWith(customer_key, {p:String})",
-                           {"p": prefix})[0][0]
-
-    stack.wait_for(lambda: rows_for_prefix() > 200, what="the worker to be part-way through")
+    stack.wait_for(lambda: event_rows(stack, prefix) > 200, what="the worker to be part-way through")
     stack.worker.kill()
-    partway = rows_for_prefix()
+    partway = event_rows(stack, prefix)
     stack.worker.start()
-    stack.wait_for(lambda: rows_for_prefix() == len(sent), timeout=1500, what="all events after the restart")
+    stack.wait_for(lambda: event_rows(stack, prefix) == len(sent), timeout=1500, what="all events after the restart")
 
-    # The pure function over the same log: this test's customers and every clock tick.
-    rules = load_rulebooks(crm_settings())
-    consumer = KafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_auto_commit=False,
-                             consumer_timeout_ms=5000, max_poll_records=5000)
-    partitions = [TopicPartition(topics.EVENTS.name, p) for p in range(topics.EVENT_PARTITIONS)]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    store, seen = {}, {}
-    movements, balances, segment_changes, profiles, alerts = {}, {}, {}, {}, {}
-    for message in consumer:
-        if message.key and (message.key.startswith(prefix.encode()) or message.key == b"clock"):
-            record = SourceRecord(message.key, message.value, message.partition, message.offset,
-                                  message.timestamp, message.topic)
-            for output in process(record, store, seen, rules):
-                if isinstance(output, ProfileChanged):
-                    profiles[output.profile.customer_key] = output.profile.to_record()
-                elif isinstance(output, LedgerEntry) and output.data["entry"] == "movement":
-                    movements[(output.customer_key, output.data["seq"])] = (
-                        output.data["kind"], output.data["available_delta"], output.data["pending_delta"],
-                        output.data["debt_delta"], output.data["occurred_ms"])
-                elif isinstance(output, SegmentChanged):
-                    segment_changes[(output.customer_key, output.data["seq"])] = (
-                        output.data["from_segment"], output.data["to_segment"], output.data["occurred_ms"],
-                        output.data["cause_type"])
-                elif isinstance(output, AlertChanged):
-                    change = output.data
-                    alerts[change["change_id"]] = (change["customer_key"], change["alert_id"], change["version"],
-                                                   change["status"], change["alert_type"], change["occurred_at"])
-                elif isinstance(output, BalanceChanged):
-                    balances[output.customer_key] = (output.data["version"], output.data["as_of_ms"],
-                                                     output.data["available"], output.data["pending"],
-                                                     output.data["debt"], output.data["tier"],
-                                                     output.data["expiring_soon"])
-    consumer.close()
-    states = {key: load_customer(store, key) for key in customers}
-    assert all(states.values())
-    assert {kind for kind, *_ in movements.values()} >= {"earned_pending", "made_available", "redeemed", "expired"}
-
-    assert {to for _, to, _, _ in segment_changes.values()} >= {"new", "active", "dormant", "lost"}
-    want_profiles = {key: (p["version"], p["as_of_ms"], p["purchase_count"], p["refund_count"],
-                           p["spend_minor"].get("EUR", 0), p["spend_30d_minor"].get("EUR", 0),
-                           p["last_offset"], p["lifecycle_stage"], p["points_available"], p["tier"])
-                     for key, p in profiles.items()}
-
-    def projected_profiles():
-        rows = stack.query(
-            "SELECT customer_key, version, toUnixTimestamp64Milli(as_of), purchase_count, refund_count, spend['EUR'], "
-            "spend_30d['EUR'], source_offset, lifecycle_stage, points_available, tier "
-            "FROM customer_profiles FINAL WHERE startsWith(customer_key, {p:String})", {"p": prefix})
-        return {r[0]: (*r[1:5], int(r[5] * 100), int(r[6] * 100), *r[7:]) for r in rows}
-
-    def projected_ledger():
-        rows = stack.query(
-            "SELECT customer_key, seq, kind, available_delta, pending_delta, debt_delta, "
-            "toUnixTimestamp64Milli(occurred_at) FROM points_ledger FINAL WHERE startsWith(customer_key, {p:String})",
-            {"p": prefix})
-        return {(r[0], r[1]): tuple(r[2:]) for r in rows}
-
-    def projected_balances():
-        rows = stack.query(
-            "SELECT customer_key, version, toUnixTimestamp64Milli(as_of), available, pending, debt, tier, expiring_soon "
-            "FROM points_balances FINAL WHERE startsWith(customer_key, {p:String})", {"p": prefix})
-        return {r[0]: tuple(r[1:]) for r in rows}
-
-    wait_until_equal(stack, projected_profiles, want_profiles, "profiles")
-    ids = {r[0] for r in stack.query("SELECT toString(event_id) FROM events FINAL "
-                                     "WHERE startsWith(customer_key, {p:String})", {"p": prefix})}
-    assert ids == {b["event_id"] for b in sent}
+    fold = pure_fold(stack, prefix)
+    assert all(fold.customer(f"{prefix}-{n:03d}") for n in range(120))
+    assert {kind for kind, *_ in fold.movements.values()} >= {"earned_pending", "made_available", "redeemed", "expired"}
+    assert {to for _, to, _, _ in fold.segment_changes.values()} >= {"new", "active", "dormant", "lost"}
+    assert {fields[3] for fields in fold.alerts.values()} >= {"opened", "resolved"}
     assert 0 < partway  # the crash really happened mid-stream
-    wait_until_equal(stack, projected_ledger, movements, "ledger rows")
-    wait_until_equal(stack, projected_balances, balances, "balances")
-
-    def projected_segment_changes():
-        rows = stack.query(
-            "SELECT customer_key, seq, from_segment, to_segment, toUnixTimestamp64Milli(occurred_at), cause_type "
-            "FROM segment_changes FINAL WHERE startsWith(customer_key, {p:String})", {"p": prefix})
-        return {(r[0], r[1]): tuple(r[2:]) for r in rows}
-
-    wait_until_equal(stack, projected_segment_changes, segment_changes, "segment changes")
-    def projected_alerts():
-        rows = stack.query(
-            "SELECT toString(change_id), customer_key, toString(alert_id), version, status, alert_type, "
-            "toUnixTimestamp64Milli(occurred_at) FROM churn_alerts FINAL WHERE startsWith(customer_key, {p:String})",
-            {"p": prefix})
-        return {r[0]: (*r[1:6], r[6]) for r in rows}
-
-    want_alerts = {change_id: (*fields[:5], int(datetime.fromisoformat(fields[5]).timestamp() * 1000))
-                   for change_id, fields in alerts.items()}
-    assert {fields[3] for fields in want_alerts.values()} >= {"opened", "resolved"}
-    wait_until_equal(stack, projected_alerts, want_alerts, "alert changes")
-    # No duplicate open alert: per customer and type, in log order (which the table equals), each
-    # alert opens after the one before it closed.
-    open_now: dict[tuple[str, str], str] = {}
-    for customer, alert_id, version, status, alert_type, _ in want_alerts.values():
-        if status == "opened":
-            assert (customer, alert_type) not in open_now, f"two open {alert_type} alerts for {customer}"
-            open_now[(customer, alert_type)] = alert_id
-        elif status in ("resolved", "expired"):
-            assert open_now.pop((customer, alert_type)) == alert_id
-    # Nothing counted twice, nothing missing: no row beyond the pure fold's (FINAL or not).
-    assert stack.query("SELECT count() FROM (SELECT DISTINCT customer_key, seq FROM points_ledger "
-                       "WHERE startsWith(customer_key, {p:String}))", {"p": prefix})[0][0] == len(movements)
+    assert_projections_equal_the_fold(stack, prefix, fold, sent)
 
 
 def test_the_loyalty_sql_in_the_docs_runs_and_balances_equal_their_movements(stack):

@@ -59,17 +59,19 @@ class StateStore:
         wanted = sorted(set(partitions) - set(self.partitions))
         if not wanted:
             return
+        # A short fetch wait: an empty changelog partition must not hold the others up for the
+        # default half second.
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                    client_id="crm-worker-restore", fetch_max_bytes=64 * 1024 * 1024,
-                                    max_partition_fetch_bytes=16 * 1024 * 1024)
+                                    client_id="crm-worker-restore", fetch_max_wait_ms=20,
+                                    fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
         await consumer.start()
         try:
-            for partition in wanted:
-                backend = await self._restore(consumer, partition)
-                self._backends[partition] = backend
-                self.partitions[partition] = PartitionState(partition, backend, self.cache_limit)
+            backends = await self._restore(consumer, wanted)
         finally:
             await consumer.stop()
+        for partition, backend in backends.items():
+            self._backends[partition] = backend
+            self.partitions[partition] = PartitionState(partition, backend, self.cache_limit)
 
     def close(self, partitions: Iterable[int]) -> None:
         """Forget partitions this worker no longer owns (call with the lock held, after a flush)."""
@@ -85,32 +87,50 @@ class StateStore:
     def close_all(self) -> None:
         self.close(list(self.partitions))
 
-    async def _restore(self, consumer: AIOKafkaConsumer, partition: int) -> RocksDBBackend:
+    async def _restore(self, consumer: AIOKafkaConsumer, partitions: list[int]) -> dict[int, RocksDBBackend]:
+        """Each partition's database brought up to the changelog's end, all partitions at once."""
+        tps = {partition: TopicPartition(self.changelog_topic, partition) for partition in partitions}
+        begins = await consumer.beginning_offsets(list(tps.values()))
+        ends = await consumer.end_offsets(list(tps.values()))
+        backends: dict[int, RocksDBBackend] = {}
+        starts: dict[TopicPartition, int] = {}
+        for partition, tp in tps.items():
+            backends[partition], start = self._local(partition, begins[tp], ends[tp])
+            if start < ends[tp]:
+                starts[tp] = start
+        restored = dict.fromkeys(partitions, 0)
+        if starts:
+            consumer.assign(list(starts))
+            for tp, start in starts.items():
+                consumer.seek(tp, start)
+            pending = set(starts)
+            while pending:
+                fetched = await consumer.getmany(*pending, timeout_ms=1000, max_records=20_000)
+                for tp, records in fetched.items():
+                    backends[tp.partition].write({record.key: record.value for record in records}, records[-1].offset)
+                    restored[tp.partition] += len(records)
+                pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+        for partition, tp in tps.items():
+            log.info("partition %d: state restored from the changelog up to offset %d (%d records)",
+                     partition, ends[tp], restored[partition])
+        return backends
+
+    def _local(self, partition: int, begin: int, end: int) -> tuple[RocksDBBackend, int]:
+        """The partition's database, and the changelog offset to restore it from: after the offset
+        its last write reached, or the changelog's beginning when it has none or claims more than
+        the changelog holds (a recreated topic)."""
         path = self.directory / str(partition)
         backend = RocksDBBackend(path)
-        tp = TopicPartition(self.changelog_topic, partition)
-        consumer.assign([tp])
-        begin = (await consumer.beginning_offsets([tp]))[tp]
-        end = (await consumer.end_offsets([tp]))[tp]
         checkpoint = backend.checkpoint
-        if checkpoint is not None and not begin - 1 <= checkpoint < end:
-            log.warning("state of partition %d reaches changelog offset %d, outside [%d, %d): restoring it whole",
-                        partition, checkpoint, begin, end)
-            backend.destroy()
-            shutil.rmtree(path, ignore_errors=True)
-            backend, checkpoint = RocksDBBackend(path), None
-        start = begin if checkpoint is None else checkpoint + 1
-        restored = 0
-        if start < end:
-            consumer.seek(tp, start)
-            while await consumer.position(tp) < end:
-                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=20_000)
-                for records in fetched.values():
-                    backend.write({record.key: record.value for record in records}, records[-1].offset)
-                    restored += len(records)
-        log.info("partition %d: state restored from changelog offsets %d to %d (%d records)",
-                 partition, start, end, restored)
-        return backend
+        if checkpoint is None:
+            return backend, begin
+        if begin - 1 <= checkpoint < end:
+            return backend, checkpoint + 1
+        log.warning("state of partition %d reaches changelog offset %d, outside [%d, %d): restoring it whole",
+                    partition, checkpoint, begin, end)
+        backend.destroy()
+        shutil.rmtree(path, ignore_errors=True)
+        return RocksDBBackend(path), begin
 
     # --- the end of a batch -----------------------------------------------------------------------
 

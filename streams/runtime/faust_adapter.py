@@ -21,7 +21,8 @@ stale records fetched before that seek instead of letting them move the read off
 3. `committed_offset`: the consumer's last committed offset of a partition, which Faust keeps in a
 private mapping.
 
-Each patched function below is the library's own, with the one change marked."""
+Each patched function below is the library's own, with the changes marked: the fixes, and one
+speed-up (a fetch's records delivered under one `wait_first`, not one each)."""
 
 from __future__ import annotations
 
@@ -42,27 +43,55 @@ aiokafka_log = logging.getLogger("aiokafka.consumer.consumer")
 log = logging.getLogger("crm.worker")
 
 
+async def _deliver(self: Any, ait: AsyncIterator) -> None:
+    """The records of one fetch to the streams, in order: the body of the library's per-record
+    loop, without its `wait_first` around each callback (see `_drain_messages`)."""
+    callback = self.callback
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    acks_enabled_for = self.app.topics.acks_enabled_for
+    num_since_yield = 0
+    async for tp, message in ait:
+        num_since_yield += 1
+        if num_since_yield > 100:
+            await asyncio.sleep(0)
+            num_since_yield = 0
+        offset = message.offset
+        # The fix, second part: after a seek, records fetched before it are stale;
+        # only the record at the sought offset resumes the partition.
+        sought = self._sought.get(tp)
+        if sought is not None:
+            if offset != sought:
+                continue
+            del self._sought[tp]
+        r_offset = get_read_offset(tp)
+        if r_offset is None or offset >= r_offset:
+            gap = offset - (r_offset or 0)
+            # We have a gap in income messages
+            if gap > 1 and r_offset:
+                if acks_enabled_for(message.topic):
+                    await self._add_gap(tp, r_offset + 1, offset)
+            await callback(message)
+            # The fix: a record the suspended flow kept from the streams is not read.
+            if self.suspend_flow.is_set():
+                return
+            set_read_offset(tp, offset)
+        else:
+            self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
+
+
 async def _drain_messages(self: Any, fetcher: ServiceT) -> None:
     # This is the background thread started by Fetcher, used to
     # constantly read messages using Consumer.getmany.
     # It takes Fetcher as argument, because we must be able to
     # stop it using `await Fetcher.stop()`.
-    callback = self.callback
     getmany = self.getmany
     consumer_should_stop = cast(Service, self)._stopped.is_set
     fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
-
-    get_read_offset = self._read_offset.__getitem__
-    set_read_offset = self._read_offset.__setitem__
     flag_consumer_fetching = CONSUMER_FETCHING
     set_flag = self.diag.set_flag
     unset_flag = self.diag.unset_flag
     commit_every = self._commit_every
-    acks_enabled_for = self.app.topics.acks_enabled_for
-
-    yield_every = 100
-    num_since_yield = 0
-    sleep = asyncio.sleep
 
     try:
         while not (consumer_should_stop() or fetcher_should_stop()):
@@ -73,45 +102,13 @@ async def _drain_messages(self: Any, fetcher: ServiceT) -> None:
             # never releasing to the event loop
             await self.sleep(0)
             if not self.should_stop:
-                async for tp, message in ait:
-                    num_since_yield += 1
-                    if num_since_yield > yield_every:
-                        await sleep(0)
-                        num_since_yield = 0
-
-                    offset = message.offset
-                    # The fix, second part: after a seek, records fetched before it are stale;
-                    # only the record at the sought offset resumes the partition.
-                    sought = self._sought.get(tp)
-                    if sought is not None:
-                        if offset != sought:
-                            continue
-                        del self._sought[tp]
-                    r_offset = get_read_offset(tp)
-                    if r_offset is None or offset >= r_offset:
-                        gap = offset - (r_offset or 0)
-                        # We have a gap in income messages
-                        if gap > 1 and r_offset:
-                            acks_enabled = acks_enabled_for(message.topic)
-                            if acks_enabled:
-                                await self._add_gap(tp, r_offset + 1, offset)
-                        if commit_every is not None:
-                            if self._n_acked >= commit_every:
-                                self._n_acked = 0
-                                await self.commit()
-                        await self.wait_first(
-                            callback(message), self.suspend_flow.wait()
-                        )
-                        # The fix: a record the suspended flow kept from the streams is not read.
-                        if not self.suspend_flow.is_set():
-                            set_read_offset(tp, offset)
-                    else:
-                        self.log.dev(
-                            "DROPPED MESSAGE ROFF %r: k=%r v=%r",
-                            offset,
-                            message.key,
-                            message.value,
-                        )
+                if commit_every is not None and self._n_acked >= commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+                # The speed-up: one `wait_first` per fetch, not per record. It creates four futures
+                # and an `asyncio.wait` each time: about 100 us, the largest single cost of the
+                # worker outside the fold. A suspended flow still cuts the delivery short at once.
+                await self.wait_first(_deliver(self, ait), self.suspend_flow.wait())
                 unset_flag(flag_consumer_fetching)
 
     except self.consumer_stopped_errors:

@@ -184,15 +184,10 @@ class Rebuild:
                         self._rows(Record(record.topic, record.partition, record.offset, record.key,
                                           record.value or b"", list(record.headers or [])), rows)
                     else:
-                        events.append(SourceRecord(record.key, record.value or b"", record.partition, record.offset,
-                                                   record.timestamp, record.topic))
+                        events.append(_source(record))
                     self.positions[tp] = record.offset + 1
                     self.records_read += 1
-            # Every output goes straight to a table, so everything before a record counts as delivered.
-            self._output_rows([output.to_record() for output in fold_batch(events, states.__getitem__, self.rules)],
-                              rows)
-            for state in states.values():
-                state.flush()
+            self._output_rows(_fold(events, states, self.rules), rows)
             self._insert(rows, suffix, at_least=INSERT_EVERY)
             self.progress(sum(self.positions.values()), total)
         self._insert(rows, suffix, at_least=1)
@@ -213,6 +208,20 @@ class Rebuild:
             if len(pending) >= at_least:
                 self.client.insert(f"{self.db}.{table}{suffix}", pending, column_names=COLUMNS[table])
                 pending.clear()
+
+
+def _source(record: Any) -> SourceRecord:
+    """A kafka-python record of crm.events as the fold reads it."""
+    return SourceRecord(record.key, record.value or b"", record.partition, record.offset, record.timestamp, record.topic)
+
+
+def _fold(events: list[SourceRecord], states: dict[int, PartitionState], rules: Rulebooks) -> list[TopicRecord | None]:
+    """One batch through the worker's batch fold, its state flushed, its outputs as records. Every
+    output goes straight to a table, so everything before a record counts as delivered."""
+    sent = [output.to_record() for output in fold_batch(events, states.__getitem__, rules)]
+    for state in states.values():
+        state.flush()
+    return sent
 
 
 def fold_partitions(until: dict[int, int], scratch: str, out: Any) -> None:
@@ -242,12 +251,9 @@ def fold_partitions(until: dict[int, int], scratch: str, out: Any) -> None:
                     if record.offset >= until[tp.partition]:
                         consumer.pause(tp)
                         break
-                    events.append(SourceRecord(record.key, record.value or b"", record.partition, record.offset,
-                                               record.timestamp, record.topic))
+                    events.append(_source(record))
                     positions[tp.partition] = record.offset + 1
-            sent = [output.to_record() for output in fold_batch(events, states.__getitem__, rules)]
-            for state in states.values():
-                state.flush()
+            sent = _fold(events, states, rules)
             out.put(("records", (len(events), [(r.topic, r.key, r.value, r.headers) for r in sent if r is not None])))
         out.put(("done", positions))
     except BaseException:

@@ -1,19 +1,25 @@
 """The projection writer: the one process that owns ClickHouse (required by embedded chdb, and
 cheap with a server). It reads the worker's output topics in batches, inserts each batch per table,
 then commits the Kafka offsets. A crash between insert and commit re-inserts the batch, which the
-tables absorb: every row is keyed (events, dead_letters) or versioned (customer_profiles)."""
+tables absorb: every row is keyed (events, dead_letters) or versioned (customer_profiles). An insert
+ClickHouse refuses is tried again until it is stored: the writer waits, it neither skips nor stops."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
+
+from deploy.failpoints import Failpoints
 
 from projections import (
     alerts_table,
@@ -33,6 +39,10 @@ from streams.segments.rules import load_segment_rules
 
 log = logging.getLogger("crm.writer")
 WRITER_GROUP = "crm-projections"
+INSERT_RETRY_FIRST_SECONDS = 1.0
+INSERT_RETRY_MAX_SECONDS = 30.0
+# An insert setting that no disk meets: how the fault tests make the engine refuse as on a full disk.
+REFUSING_SETTINGS = {"min_free_disk_bytes_to_perform_insert": 2**62}
 
 
 # Each topic's records become rows of one or more tables: topic -> records -> {table: rows}.
@@ -104,6 +114,32 @@ class Publication:
         return self.last_id
 
 
+def _rows_by_table(batch: dict[Any, list[Any]]) -> dict[str, list[list[Any]]]:
+    """A batch of records of the output topics as rows per table, empty tables left out."""
+    by_topic: dict[str, list[Any]] = defaultdict(list)
+    for partition, records in batch.items():
+        by_topic[partition.topic].extend(records)
+    tables: dict[str, list[list[Any]]] = defaultdict(list)
+    for topic, records in by_topic.items():
+        for table, rows in SINKS[topic](records).items():
+            tables[table].extend(rows)
+    return {table: rows for table, rows in tables.items() if rows}
+
+
+def _commit(consumer: KafkaConsumer) -> None:
+    """Commit the positions reached. A commit that fails (the broker away, or the group rebalanced
+    while ClickHouse refused for longer than the poll interval) loses nothing: the next commit covers
+    these records too, and if none comes before a crash they are read and inserted again."""
+    try:
+        consumer.commit()
+    except KafkaError as exc:
+        log.warning("committing the written offsets failed (%s); the next commit covers them", _first_line(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 class ProjectionWriter:
     def __init__(self, settings: Settings, client: Client | None = None, max_batch: int = 50_000,
                  max_wait_ms: int = 500):
@@ -112,8 +148,10 @@ class ProjectionWriter:
         self.client = client or connect(settings)
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
-        self.rows_written: dict[str, int] = defaultdict(int)
         self._stop = threading.Event()
+        self.failpoints = Failpoints()
+        refuse = os.environ.get("CRM_FAULT_REFUSE_INSERTS")
+        self._refuse_inserts_file = Path(refuse) if refuse else None
         migrate(self.client, self.database)
         segment_rules = load_segment_rules(settings.segment_rules)
         self.boundaries = Publication(
@@ -155,8 +193,9 @@ class ProjectionWriter:
             while not self._stop.is_set():
                 batch = consumer.poll(timeout_ms=2 * self.max_wait_ms, max_records=self.max_batch)
                 if batch:
-                    self.write(batch)
-                    consumer.commit()
+                    if not self.write_until_stored(batch):
+                        break  # stopped while ClickHouse refused: the batch stays uncommitted
+                    _commit(consumer)
                 self._start_requested_rebuild()
                 for publication in (self.boundaries, self.churn_model):
                     if publication.due():
@@ -183,15 +222,42 @@ class ProjectionWriter:
             args=(connect(self.settings), self.settings, load_rulebooks(self.settings)), daemon=True)
         self._rebuild.start()
 
-    def write(self, batch: dict[Any, list[Any]]) -> None:
-        by_topic: dict[str, list[Any]] = defaultdict(list)
-        for partition, records in batch.items():
-            by_topic[partition.topic].extend(records)
-        for topic, records in by_topic.items():
-            for table, rows in SINKS[topic](records).items():
-                if rows:
-                    self.client.insert(f"{self.database}.{table}", rows, column_names=COLUMNS[table])
-                    self.rows_written[table] += len(rows)
+    def write_until_stored(self, batch: dict[Any, list[Any]]) -> bool:
+        """Insert every table's rows of the batch, waiting out a ClickHouse that refuses (a full
+        disk, a restarting server, a lost connection): a refused insert is tried again, with a
+        growing pause, until it is stored or the writer is stopped (False). A table is inserted
+        once it is accepted; a retry starts at the table that failed, and an insert ClickHouse did
+        store although it answered with an error is collapsed by the table's engine."""
+        pending = list(_rows_by_table(batch).items())
+        failures = 0
+        while pending:
+            table, rows = pending[0]
+            try:
+                self._insert(table, rows)
+            except Exception as exc:  # whatever the engine or the connection raised: wait, try again
+                failures += 1
+                pause = min(INSERT_RETRY_MAX_SECONDS, INSERT_RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+                log.warning("inserting %d rows into %s failed (%s); trying again in %.0f s",
+                            len(rows), table, _first_line(exc), pause)
+                if self._stop.wait(pause):
+                    return False
+                continue
+            if failures:
+                log.info("inserted %d rows into %s after %d failed attempts", len(rows), table, failures)
+                failures = 0
+            pending.pop(0)
+            self.failpoints.reach("writer.table_inserted")
+        return True
+
+    def _insert(self, table: str, rows: list[list[Any]]) -> None:
+        settings = REFUSING_SETTINGS if self.refusing() else None
+        self.client.insert(f"{self.database}.{table}", rows, column_names=COLUMNS[table], settings=settings)
+
+    def refusing(self) -> bool:
+        """Only for the fault tests: while the file named by CRM_FAULT_REFUSE_INSERTS exists, every
+        insert asks for more free disk than any disk has, so that the engine itself refuses it as it
+        refuses on a full disk (NOT_ENOUGH_SPACE)."""
+        return self._refuse_inserts_file is not None and self._refuse_inserts_file.exists()
 
     def start_in_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self._run_logged, name="projection-writer", daemon=True)

@@ -73,7 +73,7 @@ class Settings:
     # full jitter), the whole-request timeout and how many requests may be in flight at once.
     alerts_host: str = field(default_factory=lambda: os.environ.get("CRM_ALERTS_HOST", "127.0.0.1"))
     alerts_port: int = field(default_factory=lambda: int(os.environ.get("CRM_ALERTS_PORT", "8090")))
-    alerts_max_attempts: int = field(default_factory=lambda: int(os.environ.get("CRM_ALERTS_MAX_ATTEMPTS", "15")))
+    alerts_max_attempts: int = field(default_factory=lambda: int(os.environ.get("CRM_ALERTS_MAX_ATTEMPTS", "25")))
     alerts_backoff_base_seconds: float = field(
         default_factory=lambda: float(os.environ.get("CRM_ALERTS_BACKOFF_BASE_SECONDS", "1")))
     alerts_backoff_cap_seconds: float = field(

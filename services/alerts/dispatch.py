@@ -54,12 +54,19 @@ class RetryPolicy:
         return min(self.cap_seconds, self.base_seconds * 2 ** (attempt - 1))
 
     def delay(self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
-        """Full jitter (uniform between 0 and the ceiling): receivers that failed together, for example
-        after an outage, are not hit again all at once. A Retry-After from the receiver is a minimum."""
-        wait = (rng or random).uniform(0, self.ceiling(attempt))
+        """Equal jitter (uniform between half the ceiling and the ceiling): receivers that failed
+        together, for example after an outage, are not hit again all at once, and the retries still
+        span at least `guaranteed_window()`. A Retry-After from the receiver is a minimum."""
+        ceiling = self.ceiling(attempt)
+        wait = (rng or random).uniform(ceiling / 2, ceiling)
         if retry_after is not None:
             wait = max(wait, min(retry_after, MAX_RETRY_AFTER_SECONDS))
         return wait
+
+    def guaranteed_window(self) -> float:
+        """The shortest time from a delivery's first attempt to its last: a receiver down for less
+        than this gets the delivery when it is back, never on the dead-letter list."""
+        return sum(self.ceiling(attempt) / 2 for attempt in range(1, self.max_attempts))
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

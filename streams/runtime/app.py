@@ -35,7 +35,7 @@ from streams.records import SourceRecord, TopicRecord
 from streams.rulebooks import Rulebooks, load_rulebooks
 from streams.runtime import faust_adapter
 from streams.runtime.faust_adapter import Continuity, committed_offset
-from streams.runtime.failpoints import Failpoints
+from deploy.failpoints import Failpoints
 from streams.runtime.state_store import StateStore
 
 log = logging.getLogger("crm.worker")

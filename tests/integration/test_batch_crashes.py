@@ -1,4 +1,4 @@
-"""A crash between each two steps of the end of a worker's batch (streams/runtime/failpoints.py):
+"""A crash between each two steps of the end of a worker's batch (deploy/failpoints.py):
 the worker folds a batch in memory, sends the changelog, then the outputs, waits for Kafka,
 writes RocksDB, and only then acknowledges the batch's records. Whichever step it dies after, its
 successor folds the unacknowledged records again and every projection in ClickHouse still equals
@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from streams.runtime.failpoints import POINTS
+from deploy.failpoints import WORKER_POINTS
 from tests.integration.fold_check import Workload, assert_projections_equal_the_fold, event_rows, pure_fold
 
 pytestmark = pytest.mark.integration
@@ -22,9 +22,9 @@ BATCH_SIZE = 50  # the crashing worker's batches: the workload spans about ten o
 CRASH_AT = 3     # the crashing worker dies the third time it reaches its failpoint
 
 
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("point", WORKER_POINTS)
 def test_a_worker_killed_at_a_step_of_a_batch_loses_nothing_and_doubles_nothing(stack, point):
-    index = POINTS.index(point)
+    index = WORKER_POINTS.index(point)
     prefix = f"fp{index}-{uuid.uuid4().hex[:6]}"
     # Each case's event time is its own, and earlier than the other tests' clock ticks: a tick at or
     # before a partition's clock changes nothing, and the crash test in test_end_to_end.py relies on

@@ -111,12 +111,21 @@ def test_backoff_doubles_from_the_base_up_to_the_cap():
     assert [policy.ceiling(n) for n in range(1, 12)] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
 
 
-def test_full_jitter_stays_between_zero_and_the_ceiling_and_spreads():
+def test_equal_jitter_stays_between_half_the_ceiling_and_the_ceiling_and_spreads():
     policy = RetryPolicy(base_seconds=1.0, cap_seconds=300.0)
     rng = random.Random(7)
     delays = [policy.delay(4, rng=rng) for _ in range(2000)]
-    assert all(0 <= d <= 8 for d in delays)
-    assert min(delays) < 0.5 and max(delays) > 7.5       # spread over the whole range, not clustered
+    assert all(4 <= d <= 8 for d in delays)
+    assert min(delays) < 4.1 and max(delays) > 7.9       # spread over the whole range, not clustered
+
+
+def test_the_default_policy_waits_out_a_receiver_down_for_forty_minutes():
+    from streams.config import Settings
+
+    policy = RetryPolicy.from_settings(Settings())
+    assert policy.guaranteed_window() > 40 * 60
+    # The window is the sum of the shortest waits: half of 1, 2, 4 ... 256, then half the cap.
+    assert RetryPolicy(max_attempts=11, base_seconds=1.0, cap_seconds=300.0).guaranteed_window() == 511 / 2 + 150
 
 
 def test_retry_after_is_a_minimum_within_reason():

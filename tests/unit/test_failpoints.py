@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from streams.runtime.failpoints import Failpoints
+from deploy.failpoints import Failpoints
 
 
 def test_nothing_is_armed_without_the_setting():
@@ -21,7 +21,7 @@ def test_an_unknown_name_is_refused():
 
 
 def test_the_process_dies_by_sigkill_at_the_nth_reach():
-    code = ("from streams.runtime.failpoints import Failpoints\n"
+    code = ("from deploy.failpoints import Failpoints\n"
             "points = Failpoints('batch.folded=3')\n"
             "for n in range(5):\n    print(n, flush=True)\n    points.reach('batch.folded')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd())

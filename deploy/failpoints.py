@@ -1,7 +1,8 @@
-"""Named moments in the worker's batch at which a test can make the process die as a crash would
-(SIGKILL: no cleanup, no flush). Off unless `CRM_FAILPOINTS` names them, as `name=n` pairs separated
-by commas: the process kills itself the n-th time it reaches `name`. The crash tests
-(tests/integration/test_batch_crashes.py) use them to crash between each two steps of a batch's end."""
+"""Named moments in the worker's and the projection writer's batches at which a test can make the
+process die as a crash would (SIGKILL: no cleanup, no flush). Off unless `CRM_FAILPOINTS` names them,
+as `name=n` pairs separated by commas: the process kills itself the n-th time it reaches `name`. The
+crash tests (tests/integration/test_batch_crashes.py, tests/fault/) use them to crash between each two
+steps of a batch's end."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import os
 import signal
 from collections import Counter
 
-# Where a batch can be cut short, in the order a batch reaches them.
-POINTS = (
+# Where a worker's batch can be cut short, in the order a batch reaches them.
+WORKER_POINTS = (
     "batch.folded",             # state changed in memory only; nothing sent
     "flush.changelog_sent",     # the changelog records handed to the producer, the outputs not yet
     "flush.acknowledged",       # Kafka has changelog and outputs; RocksDB not written
     "flush.state_written",      # RocksDB written; the batch's source offsets not yet acknowledged
 )
+# Where the projection writer's batch can be cut short.
+WRITER_POINTS = (
+    "writer.table_inserted",    # one table's rows of a batch inserted, the others and the commit not yet
+)
+POINTS = WORKER_POINTS + WRITER_POINTS
 
 
 class Failpoints:

@@ -30,23 +30,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Worker:
-    """The stream worker as a real OS process, so tests can kill it like a crash would."""
+def worker_command() -> list[str]:
+    return ["worker", "--loglevel", os.environ.get("CRM_TEST_WORKER_LOGLEVEL", "warn")]
 
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env, self.log_path = env, log_path
+
+class CrmProcess:
+    """A `crm` command (the stream worker, the projection writer, ...) as a real OS process, so
+    tests can kill it like a crash would."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path):
+        self.command, self.env, self.log_path = command, env, log_path
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--loglevel", os.environ.get("CRM_TEST_WORKER_LOGLEVEL", "warn")],
-                                        env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
-                                        start_new_session=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "services.cli", *self.command],
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+                                            start_new_session=True)
 
-    def variant(self, log_path: Path, **env: str) -> Worker:
-        """Another worker process like this one, with these environment variables changed (for
-        example CRM_FAILPOINTS, or CRM_STATE_DIR for a second worker beside this one); not started."""
-        return Worker({**self.env, **env}, log_path)
+    def variant(self, log_path: Path, **env: str) -> CrmProcess:
+        """Another process of this command, with these environment variables changed (for example
+        CRM_FAILPOINTS, or CRM_STATE_DIR for a second worker beside this one); not started."""
+        return CrmProcess(self.command, {**self.env, **env}, log_path)
 
     def kill(self) -> None:
         assert self.process is not None
@@ -74,7 +79,7 @@ class Worker:
 @dataclass
 class Stack:
     settings: Settings
-    worker: Worker
+    worker: CrmProcess
     writer: Any
     producer: KafkaProducer
     client: Any  # the tests' own client: the writer's is busy in its thread
@@ -128,7 +133,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     worker = writer = producer = None
     try:
         ensure_topics(config)
-        worker = Worker(dict(os.environ), state_dir / "worker.log")
+        worker = CrmProcess(worker_command(), dict(os.environ), state_dir / "worker.log")
         worker.start()
         writer = ProjectionWriter(config)
         writer.start_in_thread()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ import pytest
 from kafka import KafkaProducer
 
 from streams.config import Settings
-from tests.integration.conftest import CrmProcess, _free_port, worker_command
+from tests.integration.conftest import CrmProcess, worker_command
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +45,22 @@ ALERT_RETRY_ENV = {"CRM_ALERTS_BACKOFF_BASE_SECONDS": "1", "CRM_ALERTS_BACKOFF_C
                    "CRM_ALERTS_MAX_ATTEMPTS": str(int(SUBSCRIBER_DOWN_SECONDS / 5) + 20)}
 
 
+def _stable_port() -> int:
+    """A free port below Linux's ephemeral range (32768 and up): the parts here are stopped and
+    started again on their ports, and a port of that range could meanwhile be taken by one of the
+    many outgoing connections of the other parts."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
+
+
 @dataclass
 class Delivery:
     change_id: str
@@ -55,7 +73,7 @@ class Subscriber:
     socket (senders get 'connection refused'), `up()` listens again on the same port."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = _stable_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.deliveries: list[Delivery] = []
         self._server: ThreadingHTTPServer | None = None
@@ -187,9 +205,9 @@ def _environment(state_dir: Path) -> dict[str, str]:
            if not key.startswith("CRM_") or key in ("CRM_TEST_WORKER_LOGLEVEL",)}
     env.update({
         "CRM_STATE_DIR": str(state_dir),
-        "CRM_KAFKA_PORT": str(_free_port()), "CRM_KAFKA_CONTROLLER_PORT": str(_free_port()),
-        "CRM_SQL_PORT": str(_free_port()), "CRM_SQL_USERS": f"{SQL_USER}:{SQL_PASSWORD}",
-        "CRM_API_PORT": str(_free_port()), "CRM_ALERTS_PORT": str(_free_port()),
+        "CRM_KAFKA_PORT": str(_stable_port()), "CRM_KAFKA_CONTROLLER_PORT": str(_stable_port()),
+        "CRM_SQL_PORT": str(_stable_port()), "CRM_SQL_USERS": f"{SQL_USER}:{SQL_PASSWORD}",
+        "CRM_API_PORT": str(_stable_port()), "CRM_ALERTS_PORT": str(_stable_port()),
         # The tests write clock ticks at event times of their choosing, and publish nothing on a timer,
         # so that the pure fold over the log is the whole truth.
         "CRM_TICK_SECONDS": "0", "CRM_BOUNDARIES_SECONDS": "0", "CRM_CHURN_MODEL_SECONDS": "0",

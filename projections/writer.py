@@ -6,8 +6,10 @@ ClickHouse refuses is tried again until it is stored: the writer waits, it neith
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -31,6 +33,7 @@ from projections import (
     profiles_table,
     segments_table,
 )
+from projections import metrics
 from projections.clickhouse import connect
 from projections.migrations import migrate
 from streams import topics
@@ -136,6 +139,13 @@ def _commit(consumer: KafkaConsumer) -> None:
         log.warning("committing the written offsets failed (%s); the next commit covers them", _first_line(exc))
 
 
+def _instance_id(settings: Settings) -> str:
+    """The same for every start of the writer of one state directory on one host, and different for
+    writers of different ones (several writers share a ClickHouse server)."""
+    owner = f"{socket.gethostname()}:{settings.state_dir.resolve()}"
+    return f"crm-writer-{hashlib.blake2b(owner.encode(), digest_size=8).hexdigest()}"
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
@@ -177,8 +187,11 @@ class ProjectionWriter:
             max_partition_fetch_bytes=16 * 1024 * 1024,
             # On a busy two-core machine the heartbeat thread can be starved for many seconds (a
             # long ClickHouse insert holds the interpreter); a short session turns that into an
-            # endless rebalance. A crashed writer's partitions wait this long for a new owner.
+            # endless rebalance. A crashed writer's partitions wait this long for a new owner ...
             session_timeout_ms=45_000,
+            # ... unless it is the writer itself, restarted: a static member (KIP-345) named after the
+            # host and the data it owns takes its partitions back at once, without a rebalance.
+            group_instance_id=_instance_id(self.settings),
             heartbeat_interval_ms=5_000,
             max_poll_interval_ms=600_000,
         )
@@ -192,6 +205,7 @@ class ProjectionWriter:
         try:
             while not self._stop.is_set():
                 batch = consumer.poll(timeout_ms=2 * self.max_wait_ms, max_records=self.max_batch)
+                metrics.polled(consumer, batch)
                 if batch:
                     if not self.write_until_stored(batch):
                         break  # stopped while ClickHouse refused: the batch stays uncommitted
@@ -251,7 +265,8 @@ class ProjectionWriter:
 
     def _insert(self, table: str, rows: list[list[Any]]) -> None:
         settings = REFUSING_SETTINGS if self.refusing() else None
-        self.client.insert(f"{self.database}.{table}", rows, column_names=COLUMNS[table], settings=settings)
+        with metrics.insert(table, len(rows)):
+            self.client.insert(f"{self.database}.{table}", rows, column_names=COLUMNS[table], settings=settings)
 
     def refusing(self) -> bool:
         """Only for the fault tests: while the file named by CRM_FAULT_REFUSE_INSERTS exists, every

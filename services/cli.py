@@ -88,9 +88,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = settings()
     if config.uses_local_kafka:
         cmd_kafka(argparse.Namespace(action="status"))
+    from services.health import report
+
+    # Each process's health, from its own /metrics (docs/operations.md); `crm api` runs in the
+    # foreground, not under `crm start`, so only its metrics say whether it runs.
     for daemon in (processes.worker(config), processes.writer(config), processes.alerts(config)):
         pid = daemon.pid()
         print(f"{daemon.name}: " + (f"running (pid {pid})" if pid else "not running"))
+        for line in report(config.state_dir, daemon.name) if pid else ():
+            print(f"  {line}")
+    print("api:", *report(config.state_dir, "api"), sep="\n  ")
     from services.sql_http import describe
 
     print(describe(config))
@@ -119,6 +126,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_writer(args: argparse.Namespace) -> int:
+    from projections import metrics
     from projections.writer import ProjectionWriter
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
@@ -127,12 +135,14 @@ def cmd_writer(args: argparse.Namespace) -> int:
     writer = ProjectionWriter(settings())
     # This process owns the embedded ClickHouse: it also answers analysts' SQL over HTTP (docs/sql-http.md).
     sql_endpoint = start_beside_writer(settings())
+    metrics_endpoint = metrics.serve(settings())
     signal.signal(signal.SIGTERM, lambda *_: writer.stop())
     signal.signal(signal.SIGINT, lambda *_: writer.stop())
-    logging.getLogger("crm.writer").info("projection writer started")
+    logging.getLogger("crm.writer").info("projection writer started; metrics at %s", metrics_endpoint.url)
     try:
         writer.run()
     finally:
+        metrics_endpoint.close()
         if sql_endpoint is not None:
             sql_endpoint.stop()
     return 0
@@ -177,13 +187,22 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from deploy.metrics_endpoint import announce, local_url
     from services.ingest.api import create_app
     from services.ingest.logs import configure_json_logs
 
     config = settings()
     configure_json_logs()
-    uvicorn.run(create_app(config), host=args.host or config.api_host, port=args.port or config.api_port,
-                log_config=None, access_log=False)
+    host, port = args.host or config.api_host, args.port or config.api_port
+    # /metrics is answered by the API itself; the address file lets `crm status` find it. uvicorn
+    # raises the SIGTERM it stopped on again once it has shut down: as SystemExit, so that the
+    # address file is withdrawn below instead of the process dying on the signal.
+    endpoint = announce("api", config.state_dir, local_url(host, port))
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        uvicorn.run(create_app(config), host=host, port=port, log_config=None, access_log=False)
+    finally:
+        endpoint.close()
     return 0
 
 

@@ -6,7 +6,8 @@ module runs inside it (`crm writer`, in a thread beside the writer) and answers 
 curl and BI tools send to a ClickHouse server's port 8123: the query in the `query` parameter and/or
 the body, `FORMAT x` or `default_format`, `database`, `param_<name>` values for `{name:Type}`
 placeholders, settings as parameters, compressed responses (`enable_http_compression=1` with
-Accept-Encoding), and ClickHouse's error bodies, codes, HTTP statuses and X-ClickHouse-* headers.
+Accept-Encoding), and ClickHouse's error bodies, codes, HTTP statuses (but a 4xx for the errors of the
+request that ClickHouse answers with 500: QueryError.http_status) and X-ClickHouse-* headers.
 
 Every request runs on a fresh chdb connection handle (a session of the one engine, so nothing an
 analyst does outlives the request): the user's limits are set, then the settings the analyst may
@@ -73,8 +74,9 @@ ACCESS_DENIED = 497
 AUTHENTICATION_FAILED = 516
 UNKNOWN_EXCEPTION = 1002
 
-# ClickHouse's exceptionCodeToHTTPStatus (src/Server/HTTP/exceptionCodeToHTTPStatus.cpp, 26.x), by code;
-# any other code is 500 (READONLY and TOO_MANY_ROWS_OR_BYTES among them).
+# ClickHouse's exceptionCodeToHTTPStatus (src/Server/HTTP/exceptionCodeToHTTPStatus.cpp, 26.x), by code.
+# ClickHouse answers any other code with 500; this endpoint does so only for _SERVER_FAILURES (see
+# QueryError.http_status).
 _HTTP_STATUS: dict[int, int] = {
     REQUIRED_PASSWORD: 401,
     **dict.fromkeys((192, 193, AUTHENTICATION_FAILED, 512, ACCESS_DENIED), 403),  # UNKNOWN_USER, WRONG_PASSWORD, ...
@@ -88,6 +90,20 @@ _HTTP_STATUS: dict[int, int] = {
     159: 408,  # TIMEOUT_EXCEEDED
     779: 415,  # UNSUPPORTED_MEDIA_TYPE
 }
+# The codes that say the server failed, whatever the request was: they keep ClickHouse's 500.
+_SERVER_FAILURES = frozenset({
+    3, 33, 40, 246,  # UNEXPECTED_END_OF_FILE, CANNOT_READ_ALL_DATA, CHECKSUM_DOESNT_MATCH, CORRUPTED_DATA
+    74, 75, 77, 87, 88, 107, 204, 400, 662,  # reading, writing, seeking, syncing or finding the engine's files
+    95, 96, 210, 279,  # CANNOT_READ_FROM_SOCKET, CANNOT_WRITE_TO_SOCKET, NETWORK_ERROR, ALL_CONNECTION_TRIES_FAILED
+    173, 239, 240, 298, 299, 425,  # CANNOT_ALLOCATE_MEMORY, CANNOT_M(UN|RE)MAP, CANNOT_PIPE, CANNOT_FORK, SYSTEM_ERROR
+    241,  # MEMORY_LIMIT_EXCEEDED: the query's own limit, or the whole process's, which share the code
+    202, 745,  # TOO_MANY_SIMULTANEOUS_QUERIES, SERVER_OVERLOADED
+    236, 394, 473,  # ABORTED, QUERY_WAS_CANCELLED, DEADLOCK_AVOIDED
+    242, 243, 252,  # TABLE_IS_READ_ONLY, NOT_ENOUGH_SPACE, TOO_MANY_PARTS
+    49, 1000, 1001, UNKNOWN_EXCEPTION,  # LOGICAL_ERROR, POCO_EXCEPTION, STD_EXCEPTION, and this endpoint's own failures
+})
+# What an analyst may not do: refused as ACCESS_DENIED is.
+_NOT_ALLOWED = frozenset({READONLY, SETTING_CONSTRAINT_VIOLATION, INTO_OUTFILE_NOT_ALLOWED})
 
 # Request parameters that are not settings (ClickHouse's reserved_param_names, plus the HTTP
 # transport settings this server honours or ignores itself).
@@ -141,6 +157,7 @@ _INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.I)
 _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z_][A-Za-z0-9_]*)\s*(?:SETTINGS\b.*)?$", re.S)
 _FIRST_WORD = re.compile(r"\s*(\(|[A-Za-z]+)")
 _CODE = re.compile(r"Code: (\d+)\. ")
+_HEADER_VALUE = re.compile(r"[!-~\xa0-\xff](?:[ -~\xa0-\xff]*[!-~\xa0-\xff])?")
 _NESTED = re.compile(r"^Code: (\d+)\. DB::Exception: (Code: \1\. .*)"
                      r" \(version [^()]*(?:\([^()]*\))?[^()]*\)\. \([A-Z_0-9]+\)$", re.S)
 _FORMAT_CHECK_SCOPE = re.compile(r"(?:\.\s*)?:?\s*In scope SELECT formatQuerySingleLine\(.*\)\.(?= \([A-Z_0-9]+\)$)", re.S)
@@ -160,7 +177,9 @@ class QueryError(Exception):
 
     @classmethod
     def from_engine(cls, exc: BaseException) -> QueryError:
-        text = str(exc).strip()
+        # chdb reads the engine's message as UTF-8 and fails where it quotes a character cut in two (of a
+        # query parameter, say): the message is then the bytes it failed on.
+        text = (bytes(exc.object).decode(errors="replace") if isinstance(exc, UnicodeDecodeError) else str(exc)).strip()
         at = text.find("Code: ")
         text = text[at:] if at > 0 else text
         # chdb nests an exception rethrown across its layers in itself: keep the innermost.
@@ -174,7 +193,15 @@ class QueryError(Exception):
 
     @property
     def http_status(self) -> int:
-        return _HTTP_STATUS.get(self.code, 500)
+        """ClickHouse's status where it has one other than 500. Where ClickHouse has 500 (for a bad function
+        argument, a query parameter that does not parse, a format that cannot write, a refused statement,
+        ...), only a server failure keeps it: every statement here runs read-only, in a session of its own,
+        on the engine this process owns, so any other error is about the request and is a 4xx."""
+        if self.code in _HTTP_STATUS:
+            return _HTTP_STATUS[self.code]
+        if self.code in _SERVER_FAILURES:
+            return 500
+        return 403 if self.code in _NOT_ALLOWED else 400
 
 
 # ---- users and limits ------------------------------------------------------------------------------
@@ -357,7 +384,8 @@ class Engine:
         statement it prints, without string literals, says what kind of statement it is and what it calls."""
         result = self._engine(connection, "SELECT formatQuerySingleLine({q:String})", "TabSeparatedRaw",
                               {"q": _escaped(request.query)})
-        canonical = (result.bytes() or b"").decode().rstrip("\n")
+        # Not necessarily UTF-8: a literal may hold any bytes ('\xff'); only the code outside literals is read.
+        canonical = (result.bytes() or b"").decode(errors="replace").rstrip("\n")
         code = _TOKEN.sub(_without_literals, canonical)
         first = _FIRST_WORD.match(code)
         kind = first.group(1).upper() if first else ""
@@ -537,7 +565,7 @@ class SqlApp:
             body = await self._body(request)
             sql, params = self._parse(request, body)
             user = self._authenticate(request, params)
-            query_id = params.pop("query_id", "") or request.headers.get("x-clickhouse-query-id", "") or str(uuid.uuid4())
+            query_id = _query_id(params.pop("query_id", "") or request.headers.get("x-clickhouse-query-id", ""))
             sql_request = self._sql_request(request, sql, params, user, query_id)
             result = await asyncio.to_thread(self.engine.run, sql_request)
         except QueryError as error:
@@ -559,8 +587,10 @@ class SqlApp:
             accepted = request.headers.get("accept-encoding", "")
             encoding = next((name for name in _ENCODERS if name in accepted), None)
             if encoding:
-                level = int(params.get("http_zlib_compression_level", "3")) if \
-                    params.get("http_zlib_compression_level", "3").isdigit() else 3
+                try:  # not isdigit() first: it takes '²', and thousands of digits, which int() refuses
+                    level = int(params.get("http_zlib_compression_level", "3"))
+                except ValueError:
+                    level = 3
                 content = _ENCODERS[encoding](content, level)
                 headers["Content-Encoding"] = encoding
         headers["Content-Type"] = _content_type(result.format)
@@ -596,13 +626,17 @@ class SqlApp:
                 raise QueryError.of(UNKNOWN_COMPRESSION_METHOD, "UNKNOWN_COMPRESSION_METHOD",
                                     f"Unknown compression method '{encoding}' in Content-Encoding")
             try:
-                body = decompressor().decompress(body, MAX_REQUEST_BYTES + 1)
+                stream = decompressor()
+                body = stream.decompress(body, MAX_REQUEST_BYTES + 1)
             except Exception as exc:
                 raise QueryError.of(CANNOT_DECOMPRESS, "CANNOT_DECOMPRESS",
                                     f"Cannot decompress the request body: {exc}") from None
             if len(body) > MAX_REQUEST_BYTES:
                 raise QueryError.of(QUERY_IS_TOO_LARGE, "QUERY_IS_TOO_LARGE",
                                     f"The request body is larger than {MAX_REQUEST_BYTES} bytes once decompressed")
+            if not stream.eof:  # a cut-off body would otherwise run the part of the query that arrived
+                raise QueryError.of(CANNOT_DECOMPRESS, "CANNOT_DECOMPRESS",
+                                    f"Cannot decompress the request body: the {encoding} stream is truncated")
         return body
 
     @staticmethod
@@ -703,6 +737,18 @@ class SqlApp:
         if not sql.strip():
             raise QueryError.of(SYNTAX_ERROR, "SYNTAX_ERROR", "Empty query")
         return SqlRequest(user, sql, database, default_format, settings, parameters, query_id)
+
+
+def _query_id(given: str) -> str:
+    """The client's query id, or a new one. It goes back in the X-ClickHouse-Query-Id header, so it must be
+    a header's value: one with spaces at either end, a line break or a character outside latin-1 made
+    the HTTP server drop the connection or answer 500."""
+    if not given:
+        return str(uuid.uuid4())
+    if not _HEADER_VALUE.fullmatch(given):
+        raise QueryError.of(BAD_ARGUMENTS, "BAD_ARGUMENTS", "A query_id must be printable latin-1 text, "
+                                                            "without spaces at either end")
+    return given
 
 
 def _text(data: bytes) -> str:

@@ -38,6 +38,11 @@ class Settings:
     worker_batch_size: int = field(default_factory=lambda: int(os.environ.get("CRM_WORKER_BATCH_SIZE", "2000")))
     worker_batch_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_WORKER_BATCH_SECONDS", "0.1")))
     state_cache_keys: int = field(default_factory=lambda: int(os.environ.get("CRM_STATE_CACHE_KEYS", "5000")))
+    # Where the worker and the projection writer serve Prometheus /metrics on 127.0.0.1
+    # (docs/operations.md): 0 is any free port, and a taken port falls back to a free one; the address
+    # each process bound is in $CRM_STATE_DIR/run/<process>.metrics (deploy/metrics_endpoint.py).
+    worker_metrics_port: int = field(default_factory=lambda: int(os.environ.get("CRM_WORKER_METRICS_PORT", "9101")))
+    writer_metrics_port: int = field(default_factory=lambda: int(os.environ.get("CRM_WRITER_METRICS_PORT", "9102")))
     # How often the projection writer recomputes the population boundaries of value tiers and RFM
     # scores and appends them to the events log (projections/boundaries.py); 0 turns that off.
     boundaries_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_BOUNDARIES_SECONDS", "3600")))

@@ -15,12 +15,16 @@ from uuid import UUID
 
 import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.alerts import AlertChange, AlertType, Severity
+from services.alerts import metrics
 from services.alerts.bell import Bell
 from services.alerts.consumer import ConsumerStats
 from services.alerts.filters import Filters
@@ -100,6 +104,8 @@ class Problem(Exception):
 ERRORS = {401: {"model": ErrorBody, "description": "no key, or an unknown or revoked one"},
           403: {"model": ErrorBody, "description": "the key is not a backoffice key"}}
 NOT_FOUND = {404: {"model": ErrorBody, "description": "no such webhook"}}
+UNREADABLE = {400: {"model": ErrorBody, "description": "a body that cannot be read as JSON (not UTF-8, say)"}}
+MAX_SEQ = 2**63 - 1  # SQLite's largest integer: a larger seq= would fail in the driver instead of finding nothing
 
 
 async def backoffice_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> ApiKey:
@@ -137,6 +143,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         return JSONResponse({"error": error, "detail": str(exc.detail)}, status_code=exc.status_code,
                             headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer, but a body that is not UTF-8 is echoed with replacement characters:
+        # FastAPI decodes it strictly, which failed with a 500 instead of this 422.
+        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
+        return JSONResponse({"detail": errors}, status_code=422)
+
     def found(subscription_id: str) -> Subscription:
         try:
             return store.subscription(subscription_id)
@@ -145,6 +158,13 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     def described(subscription: Subscription) -> dict[str, Any]:
         return {**subscription.public(), "deliveries": store.delivery_counts(subscription.id)}
+
+    # For Prometheus, without a key (the service listens on 127.0.0.1 unless told otherwise); an
+    # operator's endpoint, not part of the back offices' API, so not in its OpenAPI description.
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        metrics.count_deliveries(store)
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", summary="the process is up; what it has consumed")
     async def health() -> dict[str, Any]:
@@ -155,7 +175,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 "webhooks": len(store.subscriptions())}
 
     @app.post("/v1/webhooks", status_code=201, response_model=WebhookCreated, summary="subscribe a URL",
-              responses=ERRORS)
+              responses={**ERRORS, **UNREADABLE})
     async def create_webhook(body: WebhookIn, key: Authorized) -> dict[str, Any]:
         subscription = store.create_subscription(str(body.url), body.filters.filters())
         runtime.changed()
@@ -190,7 +210,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.post("/v1/webhooks/{subscription_id}/dead/redeliver", summary="try dead deliveries again",
               responses={**ERRORS, **NOT_FOUND})
     async def redeliver(subscription_id: str, key: Authorized,
-                        seq: Annotated[int | None, Query(description="only this one (alert log seq); default all")] = None,
+                        seq: Annotated[int | None, Query(ge=1, le=MAX_SEQ,
+                                                         description="only this one (alert log seq); default all")] = None,
                         ) -> dict[str, int]:
         found(subscription_id)
         try:
@@ -245,16 +266,17 @@ def _start_position(store: AlertStore, resume_after: str | None, start: str | No
 
 
 async def _alerts(runtime: Runtime, filters: Filters, position: int) -> AsyncIterator[ServerSentEvent]:
-    while not runtime.bell.closed:
-        batch = runtime.store.alerts_after(position, STREAM_BATCH)
-        for alert in batch:
-            position = alert.seq
-            if filters.empty or filters.matches(AlertChange.model_validate_json(alert.record)):
-                yield ServerSentEvent(data=alert.record.decode(), id=alert.change_id, event="alert")
-        if len(batch) < STREAM_BATCH:
-            await runtime.bell.wait(STREAM_POLL_SECONDS)
-        else:
-            await asyncio.sleep(0)  # a long backlog: let other requests run between batches
+    with metrics.STREAMS.track_inprogress():  # until the client goes away or the service stops
+        while not runtime.bell.closed:
+            batch = runtime.store.alerts_after(position, STREAM_BATCH)
+            for alert in batch:
+                position = alert.seq
+                if filters.empty or filters.matches(AlertChange.model_validate_json(alert.record)):
+                    yield ServerSentEvent(data=alert.record.decode(), id=alert.change_id, event="alert")
+            if len(batch) < STREAM_BATCH:
+                await runtime.bell.wait(STREAM_POLL_SECONDS)
+            else:
+                await asyncio.sleep(0)  # a long backlog: let other requests run between batches
 
 
 def _dead_letter(delivery: Delivery) -> DeadLetter:

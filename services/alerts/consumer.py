@@ -17,6 +17,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
 from schemas.alerts import AlertChange
+from services.alerts import metrics
 from services.alerts.store import AlertStore, Appended, InvalidRecord
 from streams import topics
 
@@ -109,6 +110,7 @@ class AlertConsumer:
             self.stats.alerts += appended.alerts
             self.stats.duplicates += appended.duplicates
             self.stats.invalid += appended.invalid
+            metrics.consumed(appended)
             if appended.alerts:
                 self.on_appended()
             # Only now that SQLite has the batch: a crash before this line re-reads it, and the

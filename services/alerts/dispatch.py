@@ -20,6 +20,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from services.alerts import metrics
 from services.alerts.bell import wait_event
 from services.alerts.signing import HEADER as SIGNATURE_HEADER
 from services.alerts.signing import sign
@@ -145,6 +146,7 @@ class SubscriptionLoop:
         attempt = due.attempts + 1
         status: int | None = None
         retry_after: float | None = None
+        started = time.perf_counter()
         try:
             # The timeout bounds the whole exchange; httpx's own bounds each read, which a receiver
             # trickling bytes would never trip.
@@ -167,10 +169,13 @@ class SubscriptionLoop:
         except Exception as exc:  # a bad URL and the like: count it as a failed attempt, keep the loop alive
             log.exception("delivery %s #%s failed unexpectedly", self.subscription.id, due.seq)
             error, status = f"{type(exc).__name__}: {exc}", None
+        seconds = time.perf_counter() - started
         if error is None:
             self.store.delivered(self.subscription.id, due.seq, attempt, status)  # type: ignore[arg-type]
+            metrics.attempted(self.subscription.id, attempt, "delivered", seconds)
             return
         dead = attempt >= self.policy.max_attempts
+        metrics.attempted(self.subscription.id, attempt, "dead" if dead else "failed", seconds)
         retry_at = None if dead else time.time() + self.policy.delay(attempt, retry_after)
         self.store.failed(self.subscription.id, due.seq, attempt, error, status, retry_at)
         log.warning("webhook %s: alert %s (seq %s) attempt %s failed: %s%s", self.subscription.id, due.change_id,

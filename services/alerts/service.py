@@ -21,6 +21,7 @@ from typing import IO
 
 import uvicorn
 
+from deploy.metrics_endpoint import MetricsEndpoint, announce, local_url
 from services.alerts.api import Runtime, create_app
 from services.alerts.bell import Bell
 from services.alerts.consumer import GROUP_ID, AlertConsumer
@@ -82,11 +83,14 @@ class AlertService:
             if self.consumer:
                 jobs.append(asyncio.create_task(self.consumer.run(), name="consumer"))
             stop = asyncio.create_task(self._stop.wait())
+            endpoint: MetricsEndpoint | None = None
             try:
                 while not server.started and not any(job.done() for job in jobs):
                     await asyncio.sleep(0.02)
                 if server.started:
                     log.info("alerts service on %s (state %s)", self.url, self.settings.alerts_db)
+                    # Its /metrics, for `crm status` (deploy/metrics_endpoint.py); withdrawn below.
+                    endpoint = announce("alerts", self.settings.state_dir, local_url(self.host, self.port))
                     self.ready.set()
                     # Until asked to stop, or until a job ends, which only happens when it failed.
                     await asyncio.wait([stop, *jobs], return_when=asyncio.FIRST_COMPLETED)
@@ -106,6 +110,8 @@ class AlertService:
                 await asyncio.gather(*jobs, stop, return_exceptions=True)
                 store.close()
                 keys.close()
+                if endpoint is not None:
+                    endpoint.close()
                 log.info("alerts service stopped")
 
     def stop(self) -> None:

@@ -2,7 +2,8 @@
 checked (hygiene.py), de-duplicated by event_id (seen.py), and written to `crm.events` keyed by
 customer. A request is answered only after Kafka acknowledged every accepted event (acks=all,
 idempotent producer); every refused event is written to the dead-letter topic with the reason, the
-key that sent it and its original body. The OpenAPI description is served at /openapi.json."""
+key that sent it and its original body. The OpenAPI description is served at /openapi.json, Prometheus
+metrics at /metrics (services/ingest/metrics.py, docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.codec import fingerprint, to_json_dict
+from services.ingest import metrics
 from services.ingest.hygiene import Checked, FieldError, Refused, check
 from services.ingest.keys import ApiKey, ApiKeyStore
 from services.ingest.ratelimit import RateLimiter
@@ -138,11 +141,14 @@ def create_app(settings: Settings) -> FastAPI:
             response = JSONResponse({"request_id": request_id, "error": "internal_error",
                                      "detail": "the request failed; retrying it is safe"}, status_code=500)
         response.headers["X-Request-ID"] = request_id
+        seconds = time.perf_counter() - started
         log.info("request", extra={"fields": {
             "request_id": request_id, "method": request.method, "path": request.url.path,
             "status": response.status_code, "key_id": getattr(request.state, "key_id", None),
-            "counts": getattr(request.state, "counts", None),
-            "ms": round((time.perf_counter() - started) * 1000, 1)}})
+            "counts": getattr(request.state, "counts", None), "ms": round(seconds * 1000, 1)}})
+        # The router put the matched route in the scope: its template, not the path, keeps the labels few.
+        route = request.scope.get("route")
+        metrics.answered(request.method, getattr(route, "path", None), response.status_code, seconds)
         return response
 
     @app.exception_handler(StarletteHTTPException)
@@ -168,6 +174,12 @@ def create_app(settings: Settings) -> FastAPI:
         except (KafkaError, asyncio.TimeoutError) as exc:
             raise Problem(503, "not_ready", f"Kafka: {exc!r}") from exc
         return JSONResponse({"status": "ready", "partitions": len(partitions or ())})
+
+    # For Prometheus, without a key (the API listens on 127.0.0.1 unless told otherwise); an operator's
+    # endpoint, not part of the producers' API, so not in its OpenAPI description (docs/operations.md).
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/events", summary="send one event", response_model=BatchResult,
               responses={**ERRORS, 422: {"model": BatchResult, "description": "the event was rejected"}},
@@ -253,10 +265,12 @@ async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any],
 
     try:
         try:
-            sends = [await edge.producer.send(topics.EVENTS.name, key=c.event.customer_key.encode(),  # type: ignore[union-attr]
-                                              value=orjson.dumps(to_json_dict(c.event)))
-                     for c in to_write.values()]
-            await asyncio.wait_for(asyncio.gather(*sends), timeout=KAFKA_TIMEOUT_SECONDS)
+            if to_write:
+                with metrics.KAFKA_SEND_SECONDS.labels(topics.EVENTS.name).time():
+                    sends = [await edge.producer.send(topics.EVENTS.name, key=c.event.customer_key.encode(),  # type: ignore[union-attr]
+                                                      value=orjson.dumps(to_json_dict(c.event)))
+                             for c in to_write.values()]
+                    await asyncio.wait_for(asyncio.gather(*sends), timeout=KAFKA_TIMEOUT_SECONDS)
         except (KafkaError, asyncio.TimeoutError) as exc:
             raise Problem(503, "kafka_unavailable", f"Kafka did not acknowledge: {exc!r}", {"Retry-After": "5"}) from exc
         edge.seen.remember([(str(c.event.event_id), prints[index]) for index, c in to_write.items()])
@@ -287,6 +301,8 @@ async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any],
     final = [r for r in results if r is not None]
     counts = {status: sum(r.status == status for r in final) for status in ("accepted", "duplicate", "rejected")}
     request.state.counts = counts
+    metrics.ACCEPTED.inc(counts["accepted"])
+    metrics.DUPLICATES.inc(counts["duplicate"])
     return BatchResult(request_id=request_id, accepted=counts["accepted"], duplicates=counts["duplicate"],
                        rejected=counts["rejected"], results=final)
 
@@ -312,6 +328,7 @@ async def _dead_letter(edge: Edge, key: ApiKey, request_id: str, index: int, ori
     """The refused item, byte for byte, with why and who sent it. Its position in the dead-letter
     table is derived from the request id and the item's index, so a retried request's letters
     replace each other rather than pile up."""
+    metrics.REFUSED.labels(reason).inc()
     position = zlib.crc32(f"{request_id}|{index}".encode()) << 16 | (index & 0xFFFF)
     headers = [
         ("crm.dlq.reason", reason.encode()),
@@ -329,8 +346,9 @@ async def _dead_letter(edge: Edge, key: ApiKey, request_id: str, index: int, ori
         headers.append(("crm.dlq.truncated_from", str(len(original)).encode()))
         original = original[:MAX_DEAD_LETTER_BYTES]
     try:
-        await edge.producer.send_and_wait(topics.DEAD_LETTERS.name, value=original, key=key.key_id.encode(),  # type: ignore[union-attr]
-                                          headers=headers)
+        with metrics.KAFKA_SEND_SECONDS.labels(topics.DEAD_LETTERS.name).time():
+            await edge.producer.send_and_wait(topics.DEAD_LETTERS.name, value=original, key=key.key_id.encode(),  # type: ignore[union-attr]
+                                              headers=headers)
     except KafkaError as exc:
         raise Problem(503, "kafka_unavailable", f"Kafka did not acknowledge the dead letter: {exc!r}",
                       {"Retry-After": "5"}) from exc

@@ -13,33 +13,38 @@ A crash at any point leaves the records after the committed offset to be folded 
 guards make that harmless (docs/architecture.md, "Exactness").
 
 Run with `crm worker` (or `faust -A streams.runtime.app worker`). The worker never opens ClickHouse:
-the projection writer (projections/writer.py) is the one process that does."""
+the projection writer (projections/writer.py) is the one process that does. It serves Prometheus
+metrics (streams/runtime/metrics.py) on CRM_WORKER_METRICS_PORT (docs/operations.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
 from aiokafka.errors import KafkaError
+from faust.types import TP
 
 from schemas.clock import clock_tick
 from streams import topics
 from streams.batch import fold_batch
 from streams.config import Settings, settings
-from streams.outputs import AlertChanged, DeadLetter, LedgerEntry, Output, SegmentChanged
+from streams.outputs import AlertChanged, DeadLetter, Duplicate, LedgerEntry, Output, SegmentChanged
 from streams.records import SourceRecord, TopicRecord
 from streams.rulebooks import Rulebooks, load_rulebooks
-from streams.runtime import faust_adapter
+from streams.runtime import faust_adapter, metrics
 from streams.runtime.faust_adapter import Continuity, committed_offset
 from deploy.failpoints import Failpoints
+from deploy.metrics_endpoint import serve
 from streams.runtime.state_store import StateStore
 
 log = logging.getLogger("crm.worker")
 SEND_RETRY_SECONDS = 5.0
+LAG_SECONDS = 5.0  # how often the worker measures its consumer lag for /metrics
 
 
 def _count_name(output: Output) -> str:
@@ -84,10 +89,13 @@ class BatchRunner:
             partitions = {record.partition for record in records}
             await self.state.open(partitions)
             committed = {p: committed_offset(self.app, topics.EVENTS.name, p) for p in partitions}
+            started = time.perf_counter()
             outputs = fold_batch(records, self.state.state_of, self.rules, committed)
+            folded = time.perf_counter()
             self.failpoints.reach("batch.folded")
             await self._flush(outputs)
             self.failpoints.reach("flush.state_written")
+            metrics.batch_done(records, folded - started, time.perf_counter() - folded)
         self._count(outputs)
 
     async def _record(self, message: Any) -> SourceRecord | None:
@@ -108,7 +116,9 @@ class BatchRunner:
                 break
             except (KafkaError, asyncio.TimeoutError) as exc:  # Kafka unreachable or refusing: the batch waits
                 log.warning("sending a batch failed (%r); trying again in %.0fs", exc, SEND_RETRY_SECONDS)
+                metrics.SEND_RETRIES.inc()
                 await asyncio.sleep(SEND_RETRY_SECONDS)
+        metrics.outputs_sent(sent)
         self.failpoints.reach("flush.acknowledged")
         self.state.flushed(offsets)
 
@@ -130,12 +140,37 @@ class BatchRunner:
         return offsets
 
     def _count(self, outputs: list[Output]) -> None:
+        duplicates = 0
         for output in outputs:
             self.counts[_count_name(output)] += 1
             if isinstance(output, DeadLetter):
                 record = output.record
                 log.warning("dead-lettered %s[%d]@%d: %s: %s", record.topic, record.partition, record.offset,
                             output.reason, output.detail)
+                metrics.DEAD_LETTERS.labels(output.reason).inc()
+            elif isinstance(output, Duplicate):
+                duplicates += 1
+        metrics.DUPLICATES.inc(duplicates)
+
+    async def measure_lag(self) -> None:
+        """Per assigned events partition, the records not yet taken: the log's end, asked of the
+        broker (the fetcher's own highwater stands still while Faust pauses fetching under a
+        backlog), minus the next offset the agent expects, or the committed one before its first
+        record. A broker that does not answer leaves the last figures; the next measurement tries again."""
+        partitions = [TP(topics.EVENTS.name, p) for p in sorted(self.assigned)]
+        if not partitions:
+            return
+        try:
+            ends = await self.app.consumer.highwaters(*partitions)
+        except Exception as exc:  # noqa: BLE001 - a metric must never stop the worker
+            log.info("could not measure the consumer lag: %r", exc)
+            return
+        lag = {}
+        for tp in (tp for tp in partitions if tp.partition in self.assigned):  # none revoked meanwhile
+            position = self.continuity.expected.get(tp, committed_offset(self.app, tp.topic, tp.partition))
+            if ends.get(tp) is not None and position >= 0:
+                lag[tp.partition] = max(0, ends[tp] - position)
+        metrics.lag_measured(topics.EVENTS.name, lag)
 
     # --- rebalancing ------------------------------------------------------------------------------
 
@@ -149,6 +184,7 @@ class BatchRunner:
     async def on_revoked(self, revoked: set[Any]) -> None:
         gone = {tp.partition for tp in revoked if tp.topic == topics.EVENTS.name}
         self.continuity.forget(revoked)
+        metrics.partitions_gone(topics.EVENTS.name, gone)
         # Faust waited for the batch in flight to be acknowledged; the lock makes sure of it.
         async with self.state.lock:
             self.assigned -= gone
@@ -218,6 +254,15 @@ def create_app(config: Settings | None = None) -> faust.App:
     async def report_counts() -> None:
         if runner.counts:
             log.info("processed so far: %s", ", ".join(f"{name}={n}" for name, n in sorted(runner.counts.items())))
+
+    @app.timer(interval=LAG_SECONDS)
+    async def measure_lag() -> None:
+        await runner.measure_lag()
+
+    @app.task
+    async def serve_metrics() -> None:
+        # When the worker starts, not when this module is imported; Faust's own web server stays off.
+        serve("worker", config.state_dir, config.worker_metrics_port)
 
     @app.on_before_shutdown.connect
     async def close_state(app: faust.App, **kwargs: Any) -> None:

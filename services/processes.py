@@ -1,4 +1,4 @@
-"""Background processes of the local stack (worker, projection writer, alert service): started
+"""Background processes of the local stack (worker, projection writer, alert service, dashboard): started
 detached with a pid file and a log under the state directory, stopped with SIGTERM (then SIGKILL)."""
 
 from __future__ import annotations
@@ -57,3 +57,7 @@ def writer(settings: Settings) -> Daemon:
 
 def alerts(settings: Settings) -> Daemon:
     return Daemon(settings, "alerts", ["alerts"])
+
+
+def dashboard(settings: Settings) -> Daemon:
+    return Daemon(settings, "dashboard", ["dashboard"])

@@ -51,9 +51,8 @@ def test_a_rebuild_from_the_log_equals_the_live_projections(stack):
     # Boundaries and a churn model too, so that every table has rows to compare.
     rules = load_rulebooks(stack.settings)
     assert boundaries.publish(stack.client, stack.settings.clickhouse_database, rules.segments, stack.producer)
-    # The churn model as the writer publishes it, with the CDNOW parameters in days: the simulated
-    # shoppers share one dropout probability, which the fit does not always settle on (see the note
-    # in streams/churn/bgnbd.py), and this test is about the rebuild, not the fit.
+    # The churn model as the writer publishes it, with fixed parameters (CDNOW's, in days): this test
+    # is about the rebuild, not the fit.
     at = datetime.fromtimestamp(churn_model.latest_event_ms(stack.client, stack.settings.clickhouse_database) / 1000, UTC)
     for partition in range(topics.EVENT_PARTITIONS):
         model = ChurnModelPublished(event_id=uuid.uuid4(), occurred_at=at, partition=partition, model_id="replay-cdnow",

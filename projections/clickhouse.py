@@ -11,6 +11,7 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from projections.sql_profile import engine_options
 from streams.config import Settings
 
 _owner_lock: Any = None  # held open for the life of the process that owns the embedded database
@@ -28,8 +29,10 @@ def connect(settings: Settings) -> Client:
         _claim_embedded(settings.chdb_dir)
         # The embedded engine shares a small machine with Kafka and the worker: size its background
         # pools (merges, scheduling) for that rather than for a dedicated server.
+        # The engine's configuration defines the profile of analysts' SQL (projections/sql_profile.py).
         options = {"interface": "chdb", "path": str(settings.chdb_dir),
-                   "chdb_options": {"background_pool_size": 2, "background_schedule_pool_size": 4}}
+                   "chdb_options": {"background_pool_size": 2, "background_schedule_pool_size": 4,
+                                    **engine_options(settings)}}
     bootstrap = clickhouse_connect.get_client(**options, database="default")
     bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {settings.clickhouse_database}")
     bootstrap.close()

@@ -1,6 +1,7 @@
 """SQL over HTTP (services/sql_http.py) from the process that owns the embedded ClickHouse: in this test
 session that is the test process itself (the projection writer runs in a thread here), so the
-endpoint is started here, on a free 127.0.0.1 port, while the worker and the writer keep running."""
+endpoint is started here, on a free 127.0.0.1 port, while the worker and the writer keep running.
+What a ClickHouse client sees is checked with clickhouse-connect and with raw HTTP (httpx, as curl)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,27 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import logging
+import os
+import re
+import socket
+import stat
 import threading
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import clickhouse_connect
 import httpx
 import pytest
-from clickhouse_connect.driver.exceptions import DatabaseError
+from clickhouse_connect.driver.exceptions import DatabaseError, ProgrammingError, StreamFailureError
 
-from services.sql_http import Limits, SqlHttpServer, describe, parse_users, start_beside_writer
+from services.sql_http import (ADMIN_USER, Limits, SqlHttpServer, _LOCAL_TABLE_FUNCTIONS, admin_file, describe,
+                               parse_users, start_beside_writer)
+from streams.config import PROJECT_ROOT
 from tests.factories import encoded, event
 from tests.integration.conftest import _free_port
 
@@ -46,6 +56,31 @@ def endpoint(stack):
     server.stop()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/ping", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def writer_endpoint(stack):
+    """The endpoint as `crm writer` serves it: to the local admin, whose credential is in the state directory."""
+    if stack.settings.clickhouse_dsn:
+        pytest.skip("with a ClickHouse server, there is no embedded database to serve")
+    server = start_beside_writer(dataclasses.replace(stack.settings, sql_port=_free_port()))
+    assert server is not None
+    yield server
+    server.stop()
+
+
+@contextmanager
+def listening(port: int) -> Iterator[None]:
+    """Something else listening on 127.0.0.1:port meanwhile."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen(1)
+        yield
+
+
+def admin_auth(settings) -> tuple[str, str]:
+    credential = json.loads(admin_file(settings).read_text())
+    return credential["user"], credential["password"]
 
 
 @pytest.fixture(scope="module")
@@ -177,15 +212,25 @@ def test_curl_style_requests(endpoint, customer):
     ("OPTIMIZE TABLE events FINAL", 164),
     ("SYSTEM STOP MERGES", 164),
     ("KILL QUERY WHERE 1", 164),
-    ("SET max_threads = 1", 164),
-    ("SELECT count() FROM events SETTINGS max_result_rows = 0", 164),
+    # The profile's constraints, in the engine: as on a server, SETTINGS and SET are checked like the URL.
+    ("SET max_threads = 1", 452),
+    ("SELECT count() FROM events SETTINGS max_threads = 1", 452),
+    ("SELECT count() FROM events SETTINGS max_result_rows = 0", 452),
+    ("SELECT count() FROM events SETTINGS max_result_rows = 1000000000", 452),
+    ("SELECT count() FROM events SETTINGS max_execution_time = 0", 452),
+    ("SELECT count() FROM events SETTINGS result_overflow_mode = 'break'", 452),
+    ("SET readonly = 0", 164),
     ("SELECT 1; DROP TABLE events", 62),
     ("SELECT file('/etc/hostname')", 497),
     ("DESCRIBE TABLE url('http://127.0.0.1:9/x.csv', 'CSV')", 164),
+    ("SELECT * FROM url('http://127.0.0.1:9/x.csv', 'CSV', 'a UInt8')", 164),
+    ("SELECT * FROM s3('http://127.0.0.1:9/bucket/x.csv', 'CSV', 'a UInt8')", 164),
+    ("SELECT * FROM remote('127.0.0.1:9', system.one)", 164),
+    ("SELECT * FROM executable('x.sh', 'CSV', 'a UInt8')", 164),
     ("SELECT * FROM eval('SELECT 1')", 164),
     ("SELECT 1 INTO OUTFILE 'sql-http-outfile.txt'", 358),
 ])
-def test_analysts_cannot_write_or_reach_outside(endpoint, stack, statement, code):
+def test_analysts_cannot_write_change_limits_or_reach_outside(endpoint, stack, statement, code):
     answer = post(endpoint, statement)
     assert_clickhouse_error(answer, code, 400 if code == 62 else 403)
     assert stack.query("EXISTS TABLE events")[0][0] == 1
@@ -246,19 +291,167 @@ def test_new_events_are_visible_while_the_workers_run(endpoint, stack):
                                param_c=key).text == "1\n", what="the event over HTTP")
 
 
-def test_the_writer_serves_it_when_analysts_are_configured(endpoint, stack):
+def test_the_writer_serves_its_local_admin_always_and_analysts_when_configured(stack):
     digest = hashlib.sha256(b"bi secret").hexdigest()
-    config = dataclasses.replace(stack.settings, sql_users=f"bi:sha256:{digest}", sql_port=_free_port())
-    server = start_beside_writer(config)
-    assert server is not None
+    taken = _free_port()
+    with listening(taken):  # another server on the configured port: the writer takes a free one
+        config = dataclasses.replace(stack.settings, sql_users=f"bi:sha256:{digest}", sql_port=taken)
+        server = start_beside_writer(config)
+        assert server is not None and server.port != taken
+        try:
+            assert describe(config) == f"sql endpoint: {server.url} (answering)"
+            assert httpx.get(server.url, params={"query": "SELECT 1"}, auth=("bi", "bi secret")).text == "1\n"
+            assert stat.S_IMODE(os.stat(admin_file(config)).st_mode) == 0o600
+            credential = json.loads(admin_file(config).read_text())
+            assert (credential["host"], credential["port"], credential["user"]) == ("127.0.0.1", server.port, ADMIN_USER)
+            assert get(server, query="SELECT 1", auth=admin_auth(config)).text == "1\n"
+        finally:
+            server.stop()
+    assert not admin_file(config).exists()
+    assert describe(config) == f"sql endpoint: http://127.0.0.1:{taken} (not answering)"
+
+    alone = start_beside_writer(dataclasses.replace(config, sql_users="", sql_port=_free_port()))
+    assert alone is not None
     try:
-        assert describe(config) == f"sql endpoint: {server.url} (answering)"
-        assert httpx.get(server.url, params={"query": "SELECT 1"}, auth=("bi", "bi secret")).text == "1\n"
+        assert get(alone, query="SELECT 1", auth=admin_auth(config)).text == "1\n"
+        assert_clickhouse_error(get(alone, query="SELECT 1", auth=("bi", "bi secret")), 516, 403)
     finally:
-        server.stop()
-    assert describe(config) == f"sql endpoint: {server.url} (not answering)"
-    assert start_beside_writer(dataclasses.replace(config, sql_users="")) is None
-    assert "off" in describe(dataclasses.replace(config, sql_users=""))
+        alone.stop()
+    assert start_beside_writer(dataclasses.replace(config, sql_port=0)) is None
+    assert describe(dataclasses.replace(config, sql_port=0)) == "sql endpoint: off (CRM_SQL_PORT=0)"
+
+
+def test_clickhouse_connect_sends_the_settings_an_analyst_may_change_and_refuses_the_others(endpoint, caplog):
+    """system.settings, as the analyst's session shows it, says what may change; clickhouse-connect reads it
+    when it connects, then sends those settings (its own defaults too), and refuses to send the others."""
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=endpoint.port, username=USER, password=PASSWORD)
+    try:
+        known = client.server_settings
+        for changeable in ("max_block_size", "output_format_json_quote_64bit_integers", "date_time_input_format",
+                           "max_result_rows", "max_execution_time", "enable_http_compression"):
+            assert known[changeable].readonly == 0, changeable
+        for fixed in ("max_threads", "allow_ddl", "readonly", "result_overflow_mode", "allow_introspection_functions"):
+            assert known[fixed].readonly == 1, fixed
+        with caplog.at_level(logging.WARNING, logger="clickhouse_connect"):
+            assert client.query("SELECT getSetting('max_block_size')",
+                                settings={"max_block_size": 1000}).result_rows == [(1000,)]
+            assert client.query("SELECT getSetting('date_time_input_format')").result_rows == [("best_effort",)]
+            with pytest.raises(DatabaseError) as lowered:
+                client.query("SELECT number FROM numbers(100)", settings={"max_result_rows": 10})
+        assert lowered.value.code == 396
+        assert not [record for record in caplog.records if "setting" in record.getMessage().lower()]
+        with pytest.raises(ProgrammingError, match="max_threads is readonly"):
+            client.query("SELECT 1", settings={"max_threads": 1})
+        limits = client.query("SELECT name, min, max FROM system.settings WHERE name IN "
+                              "('max_result_rows', 'max_execution_time') ORDER BY name").result_rows
+        assert [(name, low) for name, low, _ in limits] == [("max_execution_time", "0.001"), ("max_result_rows", "1")]
+        assert all(high is not None for _, _, high in limits)
+    finally:
+        client.close()
+
+
+# One query per table function docs/sql-http.md lets analysts use, with its answer.
+LOCAL_TABLE_FUNCTIONS = {
+    "numbers": ("SELECT sum(number) FROM numbers(4)", "6\n"),
+    "numbers_mt": ("SELECT sum(number) FROM numbers_mt(4)", "6\n"),
+    "zeros": ("SELECT count() FROM zeros(3)", "3\n"),
+    "zeros_mt": ("SELECT count() FROM zeros_mt(3)", "3\n"),
+    "generateRandom": ("SELECT count() FROM (SELECT * FROM generateRandom('a UInt8', 1) LIMIT 5)", "5\n"),
+    "generateSeries": ("SELECT groupArray(generate_series) FROM generateSeries(1, 3)", "[1,2,3]\n"),
+    "generate_series": ("SELECT groupArray(generate_series) FROM generate_series(1, 3)", "[1,2,3]\n"),
+    "primes": ("SELECT groupArray(prime) FROM primes(3)", "[2,3,5]\n"),
+    "values": ("SELECT sum(a) FROM values('a UInt8', 1, 2)", "3\n"),
+    "view": ("SELECT * FROM view(SELECT 7)", "7\n"),
+    "merge": ("SELECT count() FROM merge('system', '^one$')", "1\n"),
+    "null": ("SELECT count() FROM null('a UInt8')", "0\n"),
+    "format": ("SELECT a + 1 FROM format(CSV, 'a UInt8', '41')", "42\n"),
+}
+
+
+def test_the_table_functions_the_docs_list_are_the_ones_allowed():
+    text = (PROJECT_ROOT / "docs" / "sql-http.md").read_text()
+    listed = re.search(r"Table functions\s+other than (.*?)\s+are refused", text, re.S)
+    assert listed is not None
+    documented = set(re.findall(r"`(\w+)`", listed.group(1)))
+    assert documented == set(LOCAL_TABLE_FUNCTIONS)
+    assert {name.lower() for name in documented} <= _LOCAL_TABLE_FUNCTIONS
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL_TABLE_FUNCTIONS))
+def test_an_analyst_may_use_each_local_table_function(endpoint, name):
+    query, expected = LOCAL_TABLE_FUNCTIONS[name]
+    answer = post(endpoint, query)
+    assert (answer.status_code, answer.text) == (200, expected)
+
+
+def rss() -> int:
+    """This process's resident memory, in bytes (it holds the endpoint and the client)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_result_of_hundreds_of_megabytes_streams_without_being_held_whole(writer_endpoint, stack):
+    """About 650 MB of TSV, read and dropped as it comes: the process that serves and reads it grows by
+    far less than the result, which would be in memory at least once if it were made whole first."""
+    before = peak = rss()
+    size = 0
+    with httpx.stream("POST", writer_endpoint.url, content="SELECT number, repeat('x', 100) FROM numbers(6000000)",
+                      auth=admin_auth(stack.settings), timeout=600) as answer:
+        assert answer.status_code == 200
+        for piece in answer.iter_raw():
+            size += len(piece)
+            peak = max(peak, rss())
+    assert size > 600_000_000
+    assert peak - before < 250_000_000, f"grew by {(peak - before) >> 20} MiB for {size >> 20} MiB"
+
+
+def test_an_error_part_way_through_a_result_ends_it_as_clickhouse_does(endpoint):
+    """Rows first, then the error: the status is sent already, so ClickHouse (25.11+) writes the error at
+    the end of the body between markers tagged as X-ClickHouse-Exception-Tag says, and breaks the
+    connection off; with wait_end_of_query=1 (what clickhouse-connect's query() sends) it is a plain error."""
+    query = "SELECT throwIf(number = 3000, 'boom part-way') FROM numbers(4000)"
+    received = bytearray()
+    with httpx.stream("POST", endpoint.url, params={"max_block_size": "100"}, content=query, auth=AUTH) as answer:
+        with pytest.raises(httpx.RemoteProtocolError):
+            for piece in answer.iter_raw():
+                received += piece
+    assert answer.status_code == 200 and "X-ClickHouse-Exception-Code" not in answer.headers
+    tag = answer.headers["X-ClickHouse-Exception-Tag"].encode()
+    assert re.fullmatch(rb"[a-z0-9]{16}", tag)
+    block = re.fullmatch(rb"((?:0\n)+)\r\n__exception__\r\n" + tag + rb"\r\n(Code: 395\. .*\n)(\d+) " + tag
+                         + rb"\r\n__exception__\r\n", bytes(received), re.S)
+    assert block is not None, bytes(received[-400:])
+    assert len(block.group(1)) >= 200 and b"boom part-way" in block.group(2)
+    assert int(block.group(3)) == len(block.group(2))
+
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=endpoint.port, username=USER, password=PASSWORD)
+    try:
+        with pytest.raises(StreamFailureError) as failed:  # compressed (lz4), as clickhouse-connect asks
+            with client.query_row_block_stream(query, settings={"max_block_size": 100}) as blocks:
+                for _ in blocks:
+                    pass
+        assert failed.value.code == 395 and "boom part-way" in str(failed.value)
+        with pytest.raises(DatabaseError) as whole:
+            client.query(query, settings={"max_block_size": 100})
+        assert whole.value.code == 395
+        assert client.command("SELECT 1") == 1
+    finally:
+        client.close()
+    assert_clickhouse_error(post(endpoint, query, max_block_size="100", wait_end_of_query="1"), 395, 400)
+
+
+def test_results_are_the_same_streamed_spooled_and_made_whole(endpoint):
+    """TSV and Native stream, wait_end_of_query=1 reads all first, JSON is made whole (chdb streams it as a
+    document per block); WITH TOTALS, which streaming would lose, is made whole too."""
+    query = "SELECT number, toString(number) AS s FROM numbers(4000)"
+    for fmt in ("TSV", "Native", "JSONEachRow", "CSVWithNames", "TabSeparatedWithNamesAndTypes"):
+        streamed = post(endpoint, query, default_format=fmt, max_block_size="100")
+        spooled = post(endpoint, query, default_format=fmt, max_block_size="100", wait_end_of_query="1")
+        assert streamed.status_code == spooled.status_code == 200
+        assert streamed.content == spooled.content, fmt
+    assert post(endpoint, "SELECT count() FROM numbers(1000)", default_format="JSON").json()["data"] == [{"count()": 1000}]
+    totals = post(endpoint, "SELECT number % 2 AS k, count() FROM numbers(2000) GROUP BY k WITH TOTALS ORDER BY k",
+                  max_block_size="100")
+    assert totals.text == "0\t1000\n1\t1000\n\n0\t2000\n"
 
 
 def test_user_entries():

@@ -8,11 +8,13 @@ as JSON numbers and money keeps its cents; a float column's values are floats ev
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from services.sql_http import admin_file
 from streams.config import Settings
 
 TIMEOUT_SECONDS = 30.0
@@ -30,19 +32,30 @@ class QueryFailed(Exception):
     """The endpoint refused the query or did not answer; the message says which, for the page."""
 
 
+def endpoint_url(settings: Settings) -> str:
+    """Where the writer serves SQL now: the address it announced (services/sql_http.py; it serves on a
+    free port when the configured one is taken, and may have restarted since), else the configured one."""
+    try:
+        announced = json.loads(admin_file(settings).read_text())
+        host, port = announced["host"], announced["port"]
+    except (OSError, ValueError, KeyError):
+        host, port = settings.sql_host, settings.sql_port
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 class SqlEndpoint:
     def __init__(self, settings: Settings):
-        host = f"[{settings.sql_host}]" if ":" in settings.sql_host else settings.sql_host
-        self.url = f"http://{host}:{settings.sql_port}/"
+        self.settings = settings
         self.database = settings.clickhouse_database
         self._client = httpx.AsyncClient(timeout=TIMEOUT_SECONDS)
 
     async def query(self, sql: str, parameters: dict[str, str], user: str, password: str) -> Result:
         params = {"database": self.database, **OUTPUT_SETTINGS, **{f"param_{k}": v for k, v in parameters.items()}}
+        url = endpoint_url(self.settings)
         try:
-            response = await self._client.post(self.url, params=params, content=sql.encode(), auth=(user, password))
+            response = await self._client.post(url, params=params, content=sql.encode(), auth=(user, password))
         except httpx.HTTPError as exc:
-            raise QueryFailed(f"the SQL endpoint at {self.url} does not answer ({type(exc).__name__}); "
+            raise QueryFailed(f"the SQL endpoint at {url} does not answer ({type(exc).__name__}); "
                               "is the writer running? (crm status)") from None
         if response.status_code != 200:
             raise QueryFailed(response.text.strip()[:500] or f"HTTP {response.status_code}")

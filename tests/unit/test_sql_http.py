@@ -44,3 +44,17 @@ def test_the_profile_caps_the_limits_frees_the_output_settings_and_fixes_the_res
     assert rules == {"max_execution_time": {"min": "0.001", "max": "30"}, "max_result_rows": {"min": "1", "max": "500"},
                      "max_result_bytes": {"min": "1", "max": "1000"}, "max_threads": {"const": None},
                      "allow_ddl": {"const": None}}
+
+
+def test_the_dashboard_asks_the_sql_endpoint_where_the_writer_announced_it(tmp_path, monkeypatch):
+    from services.dashboard.sql import endpoint_url
+    from services.sql_http import admin_file
+    from streams.config import Settings
+
+    monkeypatch.setenv("CRM_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("CRM_SQL_PORT", "8123")
+    settings = Settings()
+    assert endpoint_url(settings) == "http://127.0.0.1:8123/"
+    admin_file(settings).parent.mkdir(parents=True)
+    admin_file(settings).write_text('{"host": "127.0.0.1", "port": 40123, "user": "crm_admin", "password": "x"}')
+    assert endpoint_url(settings) == "http://127.0.0.1:40123/"

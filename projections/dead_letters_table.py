@@ -4,7 +4,7 @@ record refused twice (redelivery) is one row."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Iterable
 
 MIGRATIONS = [
@@ -33,6 +33,13 @@ COLUMNS = [
 ]
 
 
+# DateTime64(3)'s range, in epoch milliseconds. A producer stamps its records with any time it
+# likes and Kafka keeps it; a refused record's timestamp outside is stored as the nearest end
+# (the headers on the dead-letter topic keep the figure).
+_TIMESTAMP_RANGE_MS = (-2_208_988_800_000, 10_413_791_999_999)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def rows(records: Iterable[Any]) -> list[list[Any]]:
     out = []
     for record in records:
@@ -41,7 +48,12 @@ def rows(records: Iterable[Any]) -> list[list[Any]]:
             headers.get("crm.dlq.reason", "unknown"), headers.get("crm.dlq.detail", ""),
             headers.get("crm.dlq.source.topic", ""), int(headers.get("crm.dlq.source.partition", 0)),
             int(headers.get("crm.dlq.source.offset", 0)),
-            datetime.fromtimestamp(int(headers.get("crm.dlq.source.timestamp", 0)) / 1000, UTC),
+            _source_time(int(headers.get("crm.dlq.source.timestamp", 0))),
             (record.key or b""), record.value or b"", record.partition, record.offset,
         ])
     return out
+
+
+def _source_time(millis: int) -> datetime:
+    low, high = _TIMESTAMP_RANGE_MS
+    return _EPOCH + timedelta(milliseconds=min(max(millis, low), high))

@@ -14,8 +14,9 @@ place."""
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import AwareDatetime, Field
@@ -93,16 +94,21 @@ class AlertChange(Model):
     rules_version: str
 
 
+# The BG/NBD parameters the writer's fit can publish: it keeps them within exp(+-20) and publishes
+# only fits inside (streams/churn/bgnbd.py _LOG_BOUND); the scores are computed for those.
+Parameter = Annotated[float, Field(ge=math.exp(-20), le=math.exp(20), allow_inf_nan=False)]
+
+
 class ChurnModelPublished(Model):
     event_id: UUID
     type: Literal["churn_model_published"] = CHURN_MODEL_TYPE
     occurred_at: AwareDatetime = Field(description="the event time the purchase history was fitted up to")
     partition: int = Field(ge=0, description="the events-topic partition this record was written to")
     model_id: str = Field(min_length=1, max_length=100, description="the same in every partition")
-    r: float = Field(gt=0)
-    alpha: float = Field(gt=0)
-    a: float = Field(gt=0)
-    b: float = Field(gt=0)
-    time_unit_days: float = Field(default=1.0, gt=0, description="the parameters' unit of time, in days")
-    customers: int = Field(ge=0, description="customers with a purchase that the fit saw")
-    log_likelihood: float
+    r: Parameter
+    alpha: Parameter
+    a: Parameter
+    b: Parameter
+    time_unit_days: float = Field(default=1.0, ge=1 / 24, le=366, description="the parameters' unit of time, in days")
+    customers: int = Field(ge=0, le=2**64 - 1, description="customers with a purchase that the fit saw")
+    log_likelihood: float = Field(allow_inf_nan=False)

@@ -17,23 +17,29 @@ from schemas.envelope import Model
 
 SEGMENT_BOUNDARIES_TYPE = "segment_boundaries_published"
 
-Cuts = Annotated[list[int], Field(min_length=4, max_length=4)]
+# What the segment_boundaries columns hold: UInt32 day and purchase counts, Decimal(18, 2) amounts
+# (in minor units, below 10**18 either way: lifetime net spend is negative after large refunds),
+# UInt64 populations.
+Count = Annotated[int, Field(ge=0, le=2**32 - 1)]
+Minor = Annotated[int, Field(ge=-(10**18 - 1), le=10**18 - 1)]
+Population = Annotated[int, Field(ge=0, le=2**64 - 1)]
+Cuts = Annotated[list[Count], Field(min_length=4, max_length=4)]
 
 
 class ValueCuts(Model):
     """Net spend over 365 days, in minor units of the rules' currency: at or above `high_min` is high,
     at or above `mid_min` is mid (both above zero)."""
-    high_min_minor: int = Field(gt=0)
-    mid_min_minor: int = Field(gt=0)
-    population: int = Field(ge=0, description="customers with spend in the last 365 days")
+    high_min_minor: Minor = Field(gt=0)
+    mid_min_minor: Minor = Field(gt=0)
+    population: Population = Field(description="customers with spend in the last 365 days")
 
 
 class RfmCuts(Model):
     """The 20th, 40th, 60th and 80th percentiles of each figure over every customer who ever bought."""
     recency_days: Cuts
     frequency: Cuts
-    monetary_minor: Cuts
-    population: int = Field(ge=0)
+    monetary_minor: Annotated[list[Minor], Field(min_length=4, max_length=4)]
+    population: Population
 
 
 class SegmentBoundaries(Model):

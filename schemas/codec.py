@@ -14,7 +14,7 @@ from schemas.alerts import CHURN_MODEL_TYPE, ChurnModelPublished
 from schemas.boundaries import SEGMENT_BOUNDARIES_TYPE, SegmentBoundaries
 from schemas.clock import CLOCK_TICK_TYPE, ClockTick
 from schemas.identity import ALIAS_EVENT_ATTRIBUTED_TYPE, ALIAS_LINKED_TYPE, AliasEventAttributed, AliasLinked
-from schemas.envelope import Envelope
+from schemas.envelope import EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, Envelope
 from schemas.events import EVENT_TYPES, event_model
 
 MAX_EVENT_BYTES = 256 * 1024
@@ -37,7 +37,10 @@ SYSTEM_RECORDS: dict[str, type[SystemRecord]] = {
 }
 
 
-def decode_event(raw: bytes) -> Envelope | SystemRecord | DecodeError:
+def decode_event(raw: bytes | None) -> Envelope | SystemRecord | DecodeError:
+    """The record a value of the events topic holds; None is a tombstone (a record without a value)."""
+    if raw is None:
+        return DecodeError("malformed_json", "the record has no value (a tombstone)")
     if len(raw) > MAX_EVENT_BYTES:
         return DecodeError("too_large", f"{len(raw)} bytes, the limit is {MAX_EVENT_BYTES}")
     try:
@@ -49,9 +52,10 @@ def decode_event(raw: bytes) -> Envelope | SystemRecord | DecodeError:
     type_name = data.get("type")
     if type_name in SYSTEM_RECORDS:
         try:
-            return SYSTEM_RECORDS[type_name].model_validate(data)
+            record = SYSTEM_RECORDS[type_name].model_validate(data)
         except ValidationError as exc:
             return DecodeError("schema_invalid", _describe(exc))
+        return out_of_time(record) or record
     return decode_catalog_event(data)
 
 
@@ -64,9 +68,22 @@ def decode_catalog_event(data: dict[str, Any]) -> Envelope | DecodeError:
     if model is None:
         return DecodeError("unsupported_schema_version", f"{type_name} has no schema_version {version!r}")
     try:
-        return model.model_validate(data)
+        event = model.model_validate(data)
     except ValidationError as exc:
         return DecodeError("schema_invalid", _describe(exc))
+    return out_of_time(event) or event
+
+
+def out_of_time(record: Envelope | SystemRecord) -> DecodeError | None:
+    """The refusal of a record whose `occurred_at` or `received_at` is outside the event times the
+    projections can store (schemas/envelope.py EARLIEST_EVENT_TIME, LATEST_EVENT_TIME); None if in."""
+    for name in ("occurred_at", "received_at"):
+        moment = getattr(record, name, None)
+        if moment is not None and not EARLIEST_EVENT_TIME <= moment <= LATEST_EVENT_TIME:
+            return DecodeError("schema_invalid", f"{name}: {moment.isoformat()} is outside the event times the "
+                                                 f"platform stores, {EARLIEST_EVENT_TIME.isoformat()} to "
+                                                 f"{LATEST_EVENT_TIME.isoformat()}")
+    return None
 
 
 def _describe(exc: ValidationError) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
@@ -14,6 +15,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 # can find every such field from the models alone instead of from a hand-kept list.
 PERSONAL = {"x-personal": True}
 _ZONES = frozenset(available_timezones()) | {"UTC"}
+# The longest id or name the catalog takes (customer ids, aliases, stores, orders, skus, ...).
+NAME_LENGTH = 200
 
 
 def Personal(**kwargs: Any) -> Any:  # noqa: N802 - reads as a field type marker at the use site
@@ -36,9 +39,11 @@ class Channel(StrEnum):
 
 class Source(Model):
     channel: Channel
-    store_id: str | None = None
-    terminal_id: str | None = None
-    device_id: str | None = None
+    # Names, kept in profiles (stores) and grouped by in ClickHouse (LowCardinality): no longer than
+    # any other name of the catalog.
+    store_id: str | None = Field(default=None, max_length=NAME_LENGTH)
+    terminal_id: str | None = Field(default=None, max_length=NAME_LENGTH)
+    device_id: str | None = Field(default=None, max_length=NAME_LENGTH)
     # IANA zone of the store or app; rules such as "once per calendar day" use it.
     timezone: str | None = Field(default=None, max_length=64)
 
@@ -59,7 +64,18 @@ class AliasType(StrEnum):
     DEVICE_ID = "device_id"
 
 
-NonEmpty = Annotated[str, Field(min_length=1, max_length=200)]
+NonEmpty = Annotated[str, Field(min_length=1, max_length=NAME_LENGTH)]
+
+# `alias_type:value`: the customer key of an event that names its customer only by an alias.
+AliasKey = Annotated[str, Field(min_length=1, max_length=max(len(alias.value) for alias in AliasType) + 1 + NAME_LENGTH)]
+
+# Event times the projections can store, with room to spare: ClickHouse's DateTime64 holds
+# 1900-01-01 to 2299-12-31, and the folds date what an event sets going (points expiring, tier
+# reviews, segment and churn deadlines) months or years after it. The worker refuses a record
+# with an `occurred_at` or `received_at` outside (schemas/codec.py), instead of stopping the
+# projection writer at the row; the ingestion API's clock rules are narrower still.
+EARLIEST_EVENT_TIME = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_EVENT_TIME = datetime(2199, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
 
 
 class Identifiers(Model):

@@ -14,10 +14,17 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, Field, create_model, field_validator, model_validator
 
-from schemas.envelope import AliasType, Envelope, Model, NonEmpty, Personal
+from schemas.envelope import NAME_LENGTH, AliasType, Envelope, Model, NonEmpty, Personal
 
-Money = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=2)]
-PositiveMoney = Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=2)]
+# Limits that keep every figure the folds sum from one customer's events far inside the projections'
+# columns (Decimal(18, 2) for money, Int64 for points): ten million events of a customer at the
+# limit before a sum could overflow.
+MAX_AMOUNT = Decimal("999999999.99")
+MAX_POINTS = 1_000_000_000
+
+Money = Annotated[Decimal, Field(ge=0, le=MAX_AMOUNT, max_digits=18, decimal_places=2)]
+PositiveMoney = Annotated[Decimal, Field(gt=0, le=MAX_AMOUNT, max_digits=18, decimal_places=2)]
+Points = Annotated[int, Field(ge=-MAX_POINTS, le=MAX_POINTS)]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, upper case")]
 
 
@@ -87,11 +94,13 @@ class PurchaseCompleted(Model):
     currency: Currency
     lines: Annotated[list[LineItem], Field(min_length=1, max_length=1000)]
     discount: Money = Decimal("0")
-    store_id: str | None = None
+    store_id: str | None = Field(default=None, max_length=NAME_LENGTH)
     payment_method: str | None = None
 
     @model_validator(mode="after")
-    def _discount_within_total(self) -> PurchaseCompleted:
+    def _sums_within_limits(self) -> PurchaseCompleted:
+        if self.subtotal > MAX_AMOUNT:
+            raise ValueError(f"the lines sum to {self.subtotal}, more than the limit of {MAX_AMOUNT}")
         if self.discount > self.subtotal:
             raise ValueError("discount exceeds the sum of the lines")
         return self
@@ -131,12 +140,12 @@ class CouponRedeemed(Model):
 class PointsRedemptionRequested(Model):
     request_id: NonEmpty
     reward_id: NonEmpty
-    points: Annotated[int, Field(gt=0)]
+    points: Annotated[int, Field(gt=0, le=MAX_POINTS)]
 
 
 class PointsAdjusted(Model):
     adjustment_id: NonEmpty
-    points: int
+    points: Points
     reason: NonEmpty
     operator: NonEmpty
 

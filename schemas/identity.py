@@ -16,7 +16,7 @@ from uuid import UUID
 
 from pydantic import AwareDatetime, Field
 
-from schemas.envelope import Model, NonEmpty
+from schemas.envelope import AliasKey, Model, NonEmpty
 
 ALIAS_LINKED_TYPE = "alias_linked"
 ALIAS_EVENT_ATTRIBUTED_TYPE = "alias_event_attributed"
@@ -32,7 +32,7 @@ class AliasLinked(Model):
     event_id: UUID
     type: Literal["alias_linked"] = ALIAS_LINKED_TYPE
     occurred_at: AwareDatetime = Field(description="event time of the event that showed the link")
-    alias_key: NonEmpty = Field(description="alias_type:value, the key of the alias's records")
+    alias_key: AliasKey = Field(description="alias_type:value, the key of the alias's records")
     customer_id: NonEmpty
     cause_event_id: UUID
 
@@ -40,6 +40,6 @@ class AliasLinked(Model):
 class AliasEventAttributed(Model):
     event_id: UUID
     type: Literal["alias_event_attributed"] = ALIAS_EVENT_ATTRIBUTED_TYPE
-    alias_key: NonEmpty
+    alias_key: AliasKey
     customer_id: NonEmpty
     event: dict[str, Any] = Field(description="the event as it arrived, with only the alias")

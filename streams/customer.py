@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from streams.churn.state import ChurnState
 from streams.loyalty.ledger import Account
 from streams.profile import CustomerProfile
@@ -28,9 +30,11 @@ class CustomerState:
     # [[source offset, [output dicts]]], oldest first.
     outbox: list[list[Any]] = field(default_factory=list)
     # For a key that is an alias (docs/identity.md): the customer it is linked to, and until then the
-    # events that arrived with only this alias, as [offset, event], to be attributed at the link.
+    # events that arrived with only this alias, as [offset, event], to be attributed at the link, and
+    # their size as they arrived (which bounds the state's: streams/pipeline.py HELD_BYTES).
     linked_to: str | None = None
     held: list[list[Any]] = field(default_factory=list)
+    held_bytes: int = 0
     # Churn: purchase history for the score and indicators, open alerts (streams/churn).
     churn: ChurnState = field(default_factory=ChurnState)
 
@@ -42,7 +46,7 @@ class CustomerState:
         data = {"profile": self.profile.to_dict(), "account": self.account.to_dict(),
                 "last_offset": self.last_offset, "due_ms": self.due_ms, "outbox": self.outbox}
         if self.linked_to is not None or self.held:
-            data.update(linked_to=self.linked_to, held=self.held)
+            data.update(linked_to=self.linked_to, held=self.held, held_bytes=self.held_bytes)
         churn = self.churn.to_dict()
         if churn:
             data["churn"] = churn
@@ -50,8 +54,11 @@ class CustomerState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CustomerState:
+        held = data.get("held", [])
+        # States written before held_bytes existed: the size of the held events as stored.
+        held_bytes = data["held_bytes"] if "held_bytes" in data else sum(len(orjson.dumps(e)) for _, e in held)
         return cls(CustomerProfile.from_dict(data["profile"]), Account.from_dict(data["account"]),
-                   data["last_offset"], data["due_ms"], data["outbox"], data.get("linked_to"), data.get("held", []),
+                   data["last_offset"], data["due_ms"], data["outbox"], data.get("linked_to"), held, held_bytes,
                    ChurnState.from_dict(data.get("churn")))
 
     def keep_outputs(self, offset: int, outputs: list[dict[str, Any]], committed_offset: int) -> None:

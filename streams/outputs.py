@@ -139,16 +139,28 @@ class Forward:
         return TopicRecord(topics.EVENTS.name, self.key.encode(), orjson.dumps(self.record))
 
 
+# Kafka refuses a record of more than about a megabyte (the broker's message.max.bytes), and the
+# events topic takes records up to that size: a dead letter carries the head of a larger original,
+# with the original's size in the header crm.dlq.truncated_from (as the ingestion API's do).
+MAX_DEAD_LETTER_BYTES = 900 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A record the worker could not accept: the original bytes, the reason and the position."""
+    """A record the worker could not accept: the original bytes (at most MAX_DEAD_LETTER_BYTES of
+    them), the reason and the position."""
     reason: str
     detail: str
     record: SourceRecord
     SNAPSHOT: ClassVar[bool] = False
 
     def to_record(self) -> TopicRecord:
-        return TopicRecord(topics.DEAD_LETTERS.name, self.record.key, self.record.value, self.headers())
+        value = self.record.value
+        headers = self.headers()
+        if value is not None and len(value) > MAX_DEAD_LETTER_BYTES:
+            headers.append(("crm.dlq.truncated_from", str(len(value)).encode()))
+            value = value[:MAX_DEAD_LETTER_BYTES]
+        return TopicRecord(topics.DEAD_LETTERS.name, self.record.key, value, headers)
 
     def headers(self) -> list[tuple[str, bytes]]:
         record = self.record

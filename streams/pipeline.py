@@ -33,7 +33,7 @@ from schemas.boundaries import SegmentBoundaries
 from schemas.clock import ClockTick
 from schemas.codec import DecodeError, decode_catalog_event, decode_event, fingerprint, to_json_dict
 from schemas.identity import AliasEventAttributed, AliasLinked, derived_id
-from schemas.envelope import Envelope
+from schemas.envelope import EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, Envelope
 from streams.churn import fold as churn
 from streams.customer import CustomerState
 from streams.loyalty import ledger
@@ -65,8 +65,14 @@ class SeenEvent:
         return cls(*data)
 
 
-# Events kept per unlinked alias for attribution at the link; later ones stay only with the alias.
+# The record timestamps that may stand in for a missing received_at (schemas/codec.py out_of_time).
+EARLIEST_MS, LATEST_MS = to_ms(EARLIEST_EVENT_TIME), to_ms(LATEST_EVENT_TIME)
+# Events kept per unlinked alias for attribution at the link, at most so many and so many bytes (as
+# they arrived); later ones stay only with the alias. The bytes keep the alias's state one record
+# that Kafka takes (the changelog's records: 4 MiB for the worker's producer, a megabyte or so
+# compressed for the broker): 500 events of up to MAX_EVENT_BYTES would not be.
 HELD_LIMIT = 500
+HELD_BYTES = 512 * 1024
 
 
 def customer_store_key(customer_key: str) -> str:
@@ -153,7 +159,12 @@ def _event(event: Envelope, fold: Fold, record_id: str | None = None, attributed
     """A customer event; `record_id` is the id of the record that carried it, when that is not the event."""
     record = fold.record
     if event.received_at is None:
-        # Producers that write straight to Kafka: the broker's timestamp is the receipt time.
+        # Producers that write straight to Kafka: the broker's timestamp is the receipt time, if
+        # the projections can store it (a producer sets the timestamp it likes).
+        if not EARLIEST_MS <= record.timestamp_ms <= LATEST_MS:
+            return fold.dead_letter("schema_invalid", f"received_at: missing, and the record timestamp "
+                                                      f"{record.timestamp_ms} ms is outside the event times the "
+                                                      f"platform stores")
         event = event.model_copy(update={"received_at": datetime.fromtimestamp(record.timestamp_ms / 1000, UTC)})
     key = event.customer_key
     if record.key != key.encode():
@@ -198,8 +209,10 @@ def _event(event: Envelope, fold: Fold, record_id: str | None = None, attributed
     if anonymous:
         # Points belong to members: an alias's purchases earn once attributed to the customer.
         loyalty: list[ledger.LoyaltyOutput] = []
-        if len(state.held) < HELD_LIMIT:
+        size = len(record.value)  # type: ignore[arg-type]  # decoded, so not a tombstone
+        if len(state.held) < HELD_LIMIT and state.held_bytes + size <= HELD_BYTES:
             state.held.append([record.offset, to_json_dict(event)])
+            state.held_bytes += size
     else:
         state.account, loyalty = ledger.apply(state.account, event, rules.loyalty)
     state.profile = _with_loyalty(profile, state.account)
@@ -265,7 +278,7 @@ def _alias_linked(link: AliasLinked, fold: Fold) -> list[Output]:
     if state.linked_to != link.customer_id:
         # A later link to someone else takes the alias's later events; attributed ones stay where they went.
         outputs = [_attribution(key, link.customer_id, event) for _, event in state.held]
-        state.held = []
+        state.held, state.held_bytes = [], 0
         state.linked_to = link.customer_id
         if state.profile.first_seen_ms is not None and not state.profile.merged_into:
             state.profile = profiles.evolve(state.profile, merged_into=link.customer_id, version=state.profile.version + 1)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class SourceRecord:
-    """One record of the events topic, as the fold sees it: its bytes and its position in the log."""
+    """One record of the events topic, as the fold sees it: its bytes and its position in the log.
+    Kafka lets a producer leave out the key and the value (a tombstone): both may be None."""
     key: bytes | None
-    value: bytes
+    value: bytes | None
     partition: int
     offset: int
     timestamp_ms: int

@@ -131,9 +131,13 @@ class BatchRunner:
             # Only for the crash test: make "the changelog in Kafka, the outputs not" a real state.
             await producer.flush()
             self.failpoints.reach("flush.changelog_sent")
-        for record in outputs:
-            await producer.send(record.topic, record.key, record.value, None, None, record.headers or None)
+        sent = [await producer.send(record.topic, record.key, record.value, None, None, record.headers or None)
+                for record in outputs]
         await producer.flush()
+        # Every output's acknowledgement, not only the changelog's: an output the broker refused raises
+        # here, and the whole batch is sent again, instead of being acknowledged without it.
+        for future in sent:
+            await future
         offsets: dict[int, int] = {}
         for partition, futures in pending.items():
             offsets[partition] = max([(await future).offset for future in futures])

@@ -9,8 +9,10 @@
   crm api                       run the ingestion HTTP API in the foreground
   crm keys create|list|rotate|revoke   API keys for POS terminals, apps, back offices
   crm alerts                    run the alert service (webhooks, live stream) in the foreground
+  crm dashboard                 run the dashboard (charts, live alerts) in the foreground
   crm webhooks add|list|remove|dead|redeliver   webhook subscriptions for churn alerts (docs/webhooks.md)
   crm dlq list|show|resubmit    inspect dead letters and send them again after a fix
+  crm import MAPPING            load a retailer's history from CSV, JSON Lines or Parquet (docs/import.md)
   crm replay | crm verify       rebuild every projection from the log and swap it in; compare
   crm spool status|send|rejected   a POS terminal's offline spool (docs/pos-spool.md)
   crm schemas export            write the JSON Schema files for producers in other languages
@@ -67,6 +69,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     for daemon in (processes.worker(config), processes.writer(config), processes.alerts(config)):
         pid = daemon.start()
         print(f"{daemon.name} running (pid {pid}), log: {daemon.log_file}")
+    from services.dashboard.server import off_reason, url
+
+    reason = off_reason(config)
+    if reason:
+        print(f"dashboard off: {reason}")
+    else:
+        dashboard = processes.dashboard(config)
+        print(f"dashboard running (pid {dashboard.start()}) at {url(config)}, log: {dashboard.log_file}")
     return 0
 
 
@@ -74,7 +84,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from services import processes
 
     config = settings()
-    for daemon in (processes.alerts(config), processes.worker(config), processes.writer(config)):
+    for daemon in (processes.dashboard(config), processes.alerts(config), processes.worker(config),
+                   processes.writer(config)):
         daemon.stop()
         print(f"{daemon.name} stopped.")
     if config.uses_local_kafka:
@@ -101,6 +112,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from services.sql_http import describe
 
     print(describe(config))
+    from services.dashboard import server as dashboard
+
+    pid = processes.dashboard(config).pid()
+    print(dashboard.describe(config) + (f", pid {pid}" if pid else ", not running"))
     if _broker().status().running or not config.uses_local_kafka:
         from services.lag import LagProbe
 
@@ -133,7 +148,8 @@ def cmd_writer(args: argparse.Namespace) -> int:
     from services.sql_http import start_beside_writer
 
     writer = ProjectionWriter(settings())
-    # This process owns the embedded ClickHouse: it also answers analysts' SQL over HTTP (docs/sql-http.md).
+    # This process owns the embedded ClickHouse: it also answers SQL over HTTP, for `crm sql` and analysts
+    # (docs/sql-http.md).
     sql_endpoint = start_beside_writer(settings())
     metrics_endpoint = metrics.serve(settings())
     signal.signal(signal.SIGTERM, lambda *_: writer.stop())
@@ -166,19 +182,28 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     from projections.clickhouse import EmbeddedDatabaseBusy, connect
     from services.output import print_result
+    from services.sql_http import EndpointUnavailable, admin_client, error_text
 
     config = settings()
+    query_settings = None if args.write else {"readonly": 2}
     try:
         client = connect(config)
-    except EmbeddedDatabaseBusy as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    except EmbeddedDatabaseBusy as busy:
+        # The running writer owns the database: read it through its SQL endpoint, as the local admin.
+        if args.write:
+            print(f"{busy}\n`crm sql --write` changes data, which only the writer does while it runs.", file=sys.stderr)
+            return 2
+        try:
+            client, query_settings = admin_client(config), None  # the endpoint is read-only
+        except EndpointUnavailable as why:
+            print(f"{busy}\n{why}", file=sys.stderr)
+            return 2
     from clickhouse_connect.driver.exceptions import DatabaseError
 
     try:
-        result = client.query(args.query, settings={"readonly": 2} if not args.write else None)
+        result = client.query(args.query, settings=query_settings)
     except DatabaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_text(exc)}", file=sys.stderr)
         return 1
     print_result(result.column_names, result.result_rows, args.format)
     return 0
@@ -215,6 +240,20 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     except (AlertsBusy, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from services.dashboard.server import off_reason, serve, url
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    config = settings()
+    reason = off_reason(config)
+    if reason:
+        print(f"error: nobody could log in to the dashboard: {reason}", file=sys.stderr)
+        return 2
+    print(f"dashboard on {url(config, args.port)} (docs/dashboard.md)", flush=True)
+    serve(config, args.port)
     return 0
 
 
@@ -323,6 +362,13 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return 1
     print(f"sent event {sent.event_id} ({sent.type}) to crm.events for {sent.customer_key}")
     return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from services.importer.run import Options, command
+
+    return command(Path(args.mapping), settings(), Options(dry_run=args.dry_run, resend=args.resend,
+                                                           crash_after=args.crash_after))
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
@@ -470,7 +516,7 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--state-dir", help="where the local stack keeps its data (default .state; env CRM_STATE_DIR)")
     sub = root.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("start", help="start broker, topics, worker, writer and alert service in the background"
+    sub.add_parser("start", help="start broker, topics, worker, writer, alert service and dashboard in the background"
                    ).set_defaults(func=cmd_start)
     sub.add_parser("stop", help="stop everything `crm start` started").set_defaults(func=cmd_stop)
     sub.add_parser("status", help="what runs, and how far behind it is").set_defaults(func=cmd_status)
@@ -484,11 +530,13 @@ def parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
     sub.add_parser("writer", help="run the projection writer in the foreground").set_defaults(func=cmd_writer)
 
-    for name, func, text in (("produce", cmd_produce, "send simulated traffic"),
-                             ("demo", cmd_demo, "run the platform on simulated traffic and show the result")):
+    # The demo's history is six months up to now (services/demo.py), about 100,000 records.
+    for name, func, text, customers, days in (
+            ("produce", cmd_produce, "send simulated traffic", 3000, 45),
+            ("demo", cmd_demo, "run the platform on simulated traffic and show the result", 2000, 180)):
         command = sub.add_parser(name, help=text)
-        command.add_argument("--customers", type=int, default=3000)
-        command.add_argument("--days", type=int, default=45, help="days of event time to simulate")
+        command.add_argument("--customers", type=int, default=customers)
+        command.add_argument("--days", type=int, default=days, help="days of event time to simulate")
         command.add_argument("--seed", type=int, default=7)
         command.set_defaults(func=func)
 
@@ -508,6 +556,11 @@ def parser() -> argparse.ArgumentParser:
     alerts.add_argument("--host", help="default 127.0.0.1 (CRM_ALERTS_HOST)")
     alerts.add_argument("--port", type=int, help="default 8090 (CRM_ALERTS_PORT)")
     alerts.set_defaults(func=cmd_alerts)
+
+    dashboard = sub.add_parser("dashboard", help="run the dashboard (charts, live alerts) in the foreground "
+                                                 "(docs/dashboard.md)")
+    dashboard.add_argument("--port", type=int, help="default 8200 (CRM_DASHBOARD_PORT); it listens on 127.0.0.1")
+    dashboard.set_defaults(func=cmd_dashboard)
 
     hooks = sub.add_parser("webhooks", help="webhook subscriptions for churn alerts: add, list, remove, dead, redeliver")
     hooks.add_argument("action", choices=("add", "list", "remove", "dead", "redeliver"))
@@ -541,6 +594,16 @@ def parser() -> argparse.ArgumentParser:
     dead.add_argument("--file", help="resubmit this corrected event instead of the original")
     dead.add_argument("--format", choices=("table", "csv", "json"), default="table")
     dead.set_defaults(func=cmd_dlq)
+
+    history = sub.add_parser("import", help="load history (customers, purchases, refunds, points, other events) "
+                                            "from CSV, JSON Lines or Parquet files (docs/import.md)")
+    history.add_argument("mapping", help="the mapping file (TOML): files, columns, formats, the import's id")
+    history.add_argument("--dry-run", action="store_true", help="read, check and report; send nothing")
+    history.add_argument("--resend", action="store_true", help="send every event again, even if an earlier run "
+                                                               "finished (the worker ignores the duplicates)")
+    history.add_argument("--crash-after", type=int, metavar="N", help="for tests: die like a crash (SIGKILL) "
+                                                                      "after handing N events to Kafka")
+    history.set_defaults(func=cmd_import)
 
     spool = sub.add_parser("spool", help="a POS terminal's offline spool: what waits, send it, rejected events")
     spool.add_argument("action", choices=("status", "send", "rejected"))

@@ -59,9 +59,10 @@ class Settings:
     api_port: int = field(default_factory=lambda: int(os.environ.get("CRM_API_PORT", "8080")))
     phone_region: str = field(default_factory=lambda: os.environ.get("CRM_PHONE_REGION", "DE"))
 
-    # SQL over HTTP for analysts (services/sql_http.py, docs/sql-http.md), served by the projection writer
-    # while it owns the embedded ClickHouse: where it listens (port 0: off), who may query
-    # ("name:password,..." and/or a file of such lines; none: off), and what each query may use (0: no limit).
+    # SQL over HTTP (services/sql_http.py, docs/sql-http.md), served by the projection writer while it owns
+    # the embedded ClickHouse, always to its local admin (`crm sql`): where it listens (port 0: off), which
+    # analysts may query ("name:password,..." and/or a file of such lines), and what each of their
+    # queries may use (0: no limit).
     sql_host: str = field(default_factory=lambda: os.environ.get("CRM_SQL_HOST", "127.0.0.1"))
     sql_port: int = field(default_factory=lambda: int(os.environ.get("CRM_SQL_PORT", "8123")))
     sql_users: str = field(default_factory=lambda: os.environ.get("CRM_SQL_USERS", ""), repr=False)
@@ -85,6 +86,14 @@ class Settings:
         default_factory=lambda: float(os.environ.get("CRM_ALERTS_BACKOFF_CAP_SECONDS", "300")))
     alerts_timeout_seconds: float = field(default_factory=lambda: float(os.environ.get("CRM_ALERTS_TIMEOUT_SECONDS", "10")))
     alerts_concurrency: int = field(default_factory=lambda: int(os.environ.get("CRM_ALERTS_CONCURRENCY", "4")))
+
+    # The dashboard (services/dashboard, docs/dashboard.md): its port on 127.0.0.1, how often its pages
+    # fetch their figures again, and the backoffice key its live feed reads the alerts stream with
+    # (unset: a key of its own, made once; services/dashboard/live.py).
+    dashboard_port: int = field(default_factory=lambda: int(os.environ.get("CRM_DASHBOARD_PORT", "8200")))
+    dashboard_refresh_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CRM_DASHBOARD_REFRESH_SECONDS", "10")))
+    dashboard_alerts_key: str = field(default_factory=lambda: os.environ.get("CRM_DASHBOARD_ALERTS_KEY", ""), repr=False)
 
     @property
     def alerts_db(self) -> Path:

@@ -14,7 +14,11 @@ from clickhouse_connect.driver.client import Client
 from projections.sql_profile import engine_options
 from streams.config import Settings
 
-_owner_lock: Any = None  # held open for the life of the process that owns the embedded database
+_owner_lock: Any = None
+# Every insert of the projections: a batch may span any number of months (an import of years of
+# history, events dated decades apart), each its own partition of the monthly-partitioned tables;
+# ClickHouse's default refuses an insert touching more than 100, which would stop the writer for good.
+INSERT_SETTINGS: dict[str, Any] = {"max_partitions_per_insert_block": 0}  # held open for the life of the process that owns the embedded database
 
 
 class EmbeddedDatabaseBusy(RuntimeError):

@@ -35,6 +35,7 @@ from clickhouse_connect.driver.client import Client
 from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
 
+from projections.clickhouse import INSERT_SETTINGS
 from projections.writer import COLUMNS, SINKS
 from streams import topics
 from streams.batch import fold_batch
@@ -206,7 +207,8 @@ class Rebuild:
     def _insert(self, rows: dict[str, list[list[Any]]], suffix: str, at_least: int) -> None:
         for table, pending in rows.items():
             if len(pending) >= at_least:
-                self.client.insert(f"{self.db}.{table}{suffix}", pending, column_names=COLUMNS[table])
+                self.client.insert(f"{self.db}.{table}{suffix}", pending, column_names=COLUMNS[table],
+                                   settings=INSERT_SETTINGS)
                 pending.clear()
 
 

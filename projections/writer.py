@@ -34,7 +34,7 @@ from projections import (
     segments_table,
 )
 from projections import metrics
-from projections.clickhouse import connect
+from projections.clickhouse import INSERT_SETTINGS, connect
 from projections.migrations import migrate
 from streams import topics
 from streams.config import Settings
@@ -264,7 +264,7 @@ class ProjectionWriter:
         return True
 
     def _insert(self, table: str, rows: list[list[Any]]) -> None:
-        settings = REFUSING_SETTINGS if self.refusing() else None
+        settings = {**INSERT_SETTINGS, **(REFUSING_SETTINGS if self.refusing() else {})}
         with metrics.insert(table, len(rows)):
             self.client.insert(f"{self.database}.{table}", rows, column_names=COLUMNS[table], settings=settings)
 

@@ -210,7 +210,7 @@ def _flaws(prefix: str, span: Span, tables: dict[str, list[dict[str, Any]]], exp
            file_format: str) -> None:
     """One wrong row (or order) per reason, none of which changes the expected figures. Parquet's
     typed columns hold neither a wrong date nor a malformed row."""
-    day = span.start + timedelta(days=400)
+    day = span.start + (span.end - span.start) / 2
     if file_format != "parquet":  # a typed timestamp column holds no wrong dates
         customer = dict(tables["customers"][0], customer_no=f"{prefix}-bad-date", card_no=f"LC-{prefix}-bad-date",
                         registered="31.02.2019 10:00:00" if file_format == "csv" else "2019-02-31T10:00:00+01:00")

@@ -63,8 +63,9 @@ def test_lines_that_disagree_about_their_order_reject_it(tmp_path):
     assert "customer_id is 'c2' here and 'c1' on line 2" in result.rejects[1].detail
 
 
-def test_every_row_is_part_of_an_event_or_rejected_exactly_once(tmp_path):
-    export = write_export(tmp_path, customers=30)
+@pytest.mark.parametrize("years", [(2015, 2024), (2024, 2024)])
+def test_every_row_is_part_of_an_event_or_rejected_exactly_once(tmp_path, years):
+    export = write_export(tmp_path, customers=30, years=years)
     result = plan(load(export.mapping), "DE")
     assert Counter(reject.reason for reject in result.rejects) == export.expected.rejected
     assert len(result.events) == export.expected.events

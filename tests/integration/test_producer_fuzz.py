@@ -43,7 +43,7 @@ from tests.catalog_strategies import (
 )
 from tests.factories import encoded, event
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.last]
 
 PREFIX = "hostile-"
 SEED = 20260301

@@ -14,8 +14,8 @@ from schemas.alerts import CHURN_MODEL_TYPE, ChurnModelPublished
 from schemas.boundaries import SEGMENT_BOUNDARIES_TYPE, SegmentBoundaries
 from schemas.clock import CLOCK_TICK_TYPE, ClockTick
 from schemas.identity import ALIAS_EVENT_ATTRIBUTED_TYPE, ALIAS_LINKED_TYPE, AliasEventAttributed, AliasLinked
-from schemas.envelope import EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, Envelope
-from schemas.events import EVENT_TYPES, event_model
+from schemas.envelope import EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, SEALED_PREFIX, Envelope
+from schemas.events import EVENT_TYPES, event_model, personal_payload_fields
 
 MAX_EVENT_BYTES = 256 * 1024
 
@@ -67,11 +67,22 @@ def decode_catalog_event(data: dict[str, Any]) -> Envelope | DecodeError:
     model = event_model(type_name, version) if isinstance(version, int) else None
     if model is None:
         return DecodeError("unsupported_schema_version", f"{type_name} has no schema_version {version!r}")
+    plain = _plain_personal_fields(type_name, data.get("payload"))
+    if plain:
+        return DecodeError("personal_data_in_clear", f"{', '.join(plain)}: personal fields enter the log only sealed; "
+                                                     f"send through the ingestion API or crm.intake (docs/privacy.md)")
     try:
         event = model.model_validate(data)
     except ValidationError as exc:
         return DecodeError("schema_invalid", _describe(exc))
     return out_of_time(event) or event
+
+
+def _plain_personal_fields(type_name: str, payload: Any) -> list[str]:
+    if not isinstance(payload, dict):
+        return []
+    return [f"payload.{name}" for name in personal_payload_fields(type_name)
+            if payload.get(name) is not None and not (isinstance(payload[name], str) and payload[name].startswith(SEALED_PREFIX))]
 
 
 def out_of_time(record: Envelope | SystemRecord) -> DecodeError | None:

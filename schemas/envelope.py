@@ -23,6 +23,14 @@ def Personal(**kwargs: Any) -> Any:  # noqa: N802 - reads as a field type marker
     return Field(default=None, json_schema_extra=PERSONAL, **kwargs)
 
 
+# How a personal value lies in the log: `pii1.<key id>.<AES-GCM-SIV nonce and ciphertext>`, sealed
+# under the customer's data key (privacy/seal.py). The plain value exists only at the edge that seals
+# it and in the hands of a reader who holds the key.
+SEALED_PREFIX = "pii1."
+SEALED_PATTERN = r"^pii1\.[0-9a-f]{32}\.[A-Za-z0-9_-]{38,}$"
+Sealed = Annotated[str, Field(pattern=SEALED_PATTERN, max_length=4096)]
+
+
 class Model(BaseModel):
     """Base for every catalog model: immutable, and strict about unknown fields so typos surface."""
 
@@ -125,13 +133,17 @@ class Envelope(Model):
         return f"{alias.value}:{value}"
 
 
+def is_personal(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("x-personal"))
+
+
 def personal_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Dotted paths of every field marked personal in `model` and the models nested in it."""
     found: list[str] = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
-        extra = field.json_schema_extra
-        if isinstance(extra, dict) and extra.get("x-personal"):
+        if is_personal(field):
             found.append(path)
         for nested in _model_types(field.annotation):
             found.extend(personal_fields(nested, prefix=f"{path}."))

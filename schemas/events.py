@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, Field, create_model, field_validator, model_validator
 
-from schemas.envelope import NAME_LENGTH, AliasType, Envelope, Model, NonEmpty, Personal
+from schemas.envelope import NAME_LENGTH, AliasType, Envelope, Model, NonEmpty, Personal, Sealed, is_personal
 
 # Limits that keep every figure the folds sum from one customer's events far inside the projections'
 # columns (Decimal(18, 2) for money, Int64 for points): ten million events of a customer at the
@@ -29,19 +29,23 @@ Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 cod
 
 
 class Address(Model):
-    line1: str | None = None
-    line2: str | None = None
-    city: str | None = None
-    postal_code: str | None = None
+    line1: str | None = Field(default=None, max_length=NAME_LENGTH)
+    line2: str | None = Field(default=None, max_length=NAME_LENGTH)
+    city: str | None = Field(default=None, max_length=NAME_LENGTH)
+    postal_code: str | None = Field(default=None, max_length=32)
     country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
 
 
 class PersonalDetails(Model):
+    """As submitted to the platform. In the log each personal field is sealed (see `event_model`)."""
     name: str | None = Personal(max_length=200)
     email: str | None = Personal(max_length=320)
     phone: str | None = Personal(max_length=40)
     birthday: date | None = Personal()
     address: Address | None = Personal()
+    # The month of the birthday, which the loyalty rules reward; set by the edge that seals the
+    # birthday (privacy/fields.py), since the folds never see the sealed date. Not identifying alone.
+    birth_month: Annotated[int, Field(ge=1, le=12)] | None = None
 
 
 # --- identity and consent -------------------------------------------------------------------------
@@ -277,9 +281,23 @@ def money_amount(payload: Model | None) -> tuple[Decimal, str] | None:
     return None
 
 
-# (type, schema_version) -> event model. Version 1 is the only one so far.
-_MODELS: dict[tuple[str, int], type[Envelope]] = {
+def _sealed(payload: type[Model]) -> type[Model]:
+    """The payload as it lies in the log: every field marked personal holds a sealed token instead
+    of the plain value. A subclass, so that the folds' isinstance checks hold for both forms."""
+    personal = {name: (Sealed | None, Personal()) for name, field in payload.model_fields.items() if is_personal(field)}
+    if not personal:
+        return payload
+    return create_model(payload.__name__, __base__=payload, __module__=payload.__module__, **personal)  # type: ignore[call-overload]
+
+
+# (type, schema_version) -> event model, as submitted by producers (the ingestion API, the intake
+# topic, imports: plain personal values) and as it lies in the log (personal values sealed).
+# Version 1 is the only one so far.
+_SUBMITTED: dict[tuple[str, int], type[Envelope]] = {
     (name, 1): _event_class(name, payload) for name, payload in PAYLOADS.items()
+}
+_MODELS: dict[tuple[str, int], type[Envelope]] = {
+    (name, 1): _event_class(name, _sealed(payload)) for name, payload in PAYLOADS.items()
 }
 
 # Every event is an Envelope subclass with a typed `payload`.
@@ -287,7 +305,19 @@ Event = Envelope
 
 
 def event_model(type_name: str, schema_version: int = 1) -> type[Envelope] | None:
+    """The model of an event as it lies in `crm.events`: personal fields sealed."""
     return _MODELS.get((type_name, schema_version))
+
+
+def submitted_model(type_name: str, schema_version: int = 1) -> type[Envelope] | None:
+    """The model of an event as a producer submits it to an edge that seals it: personal fields plain."""
+    return _SUBMITTED.get((type_name, schema_version))
+
+
+def personal_payload_fields(type_name: str) -> tuple[str, ...]:
+    """The payload fields of a type that are personal (sealed in the log); empty for most types."""
+    payload = PAYLOADS.get(type_name)
+    return tuple(name for name, field in payload.model_fields.items() if is_personal(field)) if payload else ()
 
 
 def registered_versions() -> list[tuple[str, int]]:

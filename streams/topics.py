@@ -76,6 +76,41 @@ STATE_CHANGELOG = TopicSpec(
 )
 
 
+# --- personal data (docs/privacy.md) ---
+
+# Plain personal data may lie only in the intake topics, which forget it within a day: segments roll
+# hourly and are deleted 24 h after their last record.
+SHORT_LIVED = {"cleanup.policy": "delete", "retention.ms": str(24 * 3600 * 1000), "segment.ms": str(3600 * 1000)}
+INTAKE = TopicSpec(
+    "crm.intake", EVENT_PARTITIONS, SHORT_LIVED,
+    "Events as producers that write to Kafka directly submit them, personal fields plain. The intake "
+    "agent checks and seals them into crm.events. Kept one day.",
+)
+INTAKE_DEAD_LETTERS = TopicSpec(
+    "crm.intake.deadletter", 1, SHORT_LIVED,
+    "Intake records the intake agent refused, original bytes and reason; they may hold plain personal "
+    "data, so they are kept one day, like the intake topic.",
+)
+# Compaction drops an erased key's wrapped record within the bound of docs/privacy.md: segments roll
+# hourly, and no record waits more than an hour to be compacted once its segment is closed.
+CUSTOMER_KEYS = TopicSpec(
+    "crm.customer-keys", EVENT_PARTITIONS,
+    {"cleanup.policy": "compact", "segment.ms": str(3600 * 1000), "max.compaction.lag.ms": str(3600 * 1000),
+     "min.cleanable.dirty.ratio": "0.01", "delete.retention.ms": str(24 * 3600 * 1000)},
+    "Each customer's data keys, wrapped by the master key, keyed by key id (privacy/keystore.py). An "
+    "erasure writes a tombstone; compaction removes the wrapped key.",
+)
+ERASURES = TopicSpec(
+    "crm.erasures", 1, KEEP_FOREVER,
+    "customer_erased: one record per erasure the worker carried out, with what was done (no personal "
+    "data). Kept forever: the register a restore consults so that no erased customer comes back.",
+)
+AUDIT = TopicSpec(
+    "crm.audit", 1, KEEP_FOREVER,
+    "Who read, exported or erased whose personal data, when and why (no personal values). Kept forever.",
+)
+
+
 # Faust's own coordination topic. Created here like every other topic, so that the worker never
 # needs to create topics itself (its creation path fails the start-up on a transient metadata error).
 ASSIGNOR_LEADER = TopicSpec(f"{WORKER_APP_ID}-__assignor-__leader", 1, {"cleanup.policy": "delete"},
@@ -83,5 +118,5 @@ ASSIGNOR_LEADER = TopicSpec(f"{WORKER_APP_ID}-__assignor-__leader", 1, {"cleanup
 
 ALL_TOPICS = (
     EVENTS, DEAD_LETTERS, ACCEPTED, PROFILES, POINTS_LEDGER, POINTS_BALANCES, SEGMENT_CHANGES, ALERTS, CHURN_MODELS,
-    STATE_CHANGELOG, ASSIGNOR_LEADER,
+    STATE_CHANGELOG, ASSIGNOR_LEADER, INTAKE, INTAKE_DEAD_LETTERS, CUSTOMER_KEYS, ERASURES, AUDIT,
 )

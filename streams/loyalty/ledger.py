@@ -404,8 +404,8 @@ class _Fold:
         cause = _Cause(str(event.event_id), event.type, event.source.store_id or "", event.source.channel.value)
         zone = _zone(event, rules)
         account.clock_ms = at
-        if isinstance(payload, (CustomerRegistered, ProfileUpdated)) and payload.birthday is not None:
-            account.birth_month = payload.birthday.month
+        if isinstance(payload, (CustomerRegistered, ProfileUpdated)) and payload.birth_month is not None:
+            account.birth_month = payload.birth_month  # the birthday itself is sealed (docs/privacy.md)
         if isinstance(payload, CustomerRegistered) and not account.registered:
             account.registered = True
             self._earn_available("registration", rules.bonuses.registration, at, cause, rules, lot_id=cause.event_id)

@@ -203,6 +203,9 @@ class LocalBroker:
             "background.threads=2",
             "num.recovery.threads.per.data.dir=1",
             "log.cleaner.threads=1",
+            # Extra `name=value` settings separated by `;`, after the defaults above (tests shorten the
+            # retention check and file deletion delays to see the privacy bounds pass in seconds).
+            *[line.strip() for line in os.environ.get("CRM_KAFKA_EXTRA_CONFIG", "").split(";") if line.strip()],
             "",
         ]))
 

@@ -76,6 +76,7 @@ class ProofStack:
     state_dir: Path
     api_url: str
     api_key: str
+    officer_key: str
     producer: KafkaProducer
     parts: list[CrmProcess]
 
@@ -108,6 +109,12 @@ class ProofStack:
         assert response.status_code == 200, response.text
         refused = [r for r in response.json()["results"] if r["status"] not in ("accepted", "duplicate")]
         assert not refused, refused
+
+    def erase(self, customer_key: str) -> None:
+        response = httpx.post(f"{self.api_url}/v1/privacy/customers/{customer_key}/erasure", timeout=60,
+                              json={"reason": "data subject request", "request_id": f"dsr-{customer_key}"},
+                              headers={"Authorization": f"Bearer {self.officer_key}"})
+        assert response.status_code == 202, response.text
 
     def crm(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "services.cli", *args], env=self.env, capture_output=True,
@@ -163,6 +170,7 @@ def proof(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProofStack]:
         ensure_topics(config)
         keys = ApiKeyStore(config.ingest_db)
         _, api_key = keys.create("backoffice", "privacy proof")
+        _, officer_key = keys.create("backoffice", "privacy officer", role="privacy_officer")
         keys.close()
         for name, command in (("worker", worker_command()), ("writer", ["writer"]), ("alerts", ["alerts"]),
                               ("api", ["api"]), ("intake", ["intake"])):
@@ -170,7 +178,8 @@ def proof(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProofStack]:
             process.start()
             parts.append(process)
         producer = KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all", linger_ms=5)
-        stack = ProofStack(config, env, state_dir, f"http://127.0.0.1:{config.api_port}", api_key, producer, parts)
+        stack = ProofStack(config, env, state_dir, f"http://127.0.0.1:{config.api_port}", api_key, officer_key, producer,
+                           parts)
         stack.wait_for(lambda: httpx.get(f"{stack.api_url}/ready", timeout=5).status_code == 200, 180, "the API")
         stack.wait_for(lambda: stack.query("SELECT 1") == [(1,)], 300, "the SQL endpoint")
         yield stack
@@ -274,10 +283,8 @@ def test_personal_data_lies_nowhere_in_clear_and_an_erased_customer_leaves_no_tr
     wrapped = {r.wrapped.encode() for r in store.records() if r.customer_key in key_ids}
     data_keys = [form for ids in key_ids.values() for key_id in ids for form in _data_key_forms(store.data_key(key_id))]
 
-    proof.post([_event("customer_erasure_requested", p.customer_id, at + timedelta(days=4),
-                       {"request_id": f"dsr-{p.customer_id}", "requested_by": "privacy proof"}) for p in erased])
-    proof.post([_event("customer_erasure_requested", f"pp-{run}-nobody", at + timedelta(days=4),
-                       {"request_id": f"dsr-{run}-nobody", "requested_by": "privacy proof"})])
+    for customer_key in [p.customer_id for p in erased] + [f"pp-{run}-nobody"]:
+        proof.erase(customer_key)
     proof.wait_for(lambda: proof.query(f"SELECT count() FROM erasures FINAL WHERE customer_key LIKE 'pp-{run}-%'")
                    == [(len(erased) + 1,)], what="every erasure carried out and projected")
 

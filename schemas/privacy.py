@@ -31,7 +31,7 @@ class CustomerErased(Model):
     alerts_closed: list[str] = Field(description="ids of the open alerts closed with outcome `erased`")
 
 
-AuditAction = Literal["read_personal", "export", "erase", "restore", "rotate_master_key"]
+AuditAction = Literal["read_personal", "export", "erase", "backup", "restore", "rotate_master_key"]
 
 
 class AuditRecord(Model):

@@ -13,6 +13,7 @@ replayed, as in a platform that had been running through it."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import statistics
 import time
@@ -34,11 +35,15 @@ from services.lag import LagProbe
 from services.output import print_result
 from services.simulator import STORES, Customer, Simulator, Workload
 from streams import topics
-from streams.churn.rules import load_churn_rules
+from schemas.alerts import AlertType
+from streams.churn.rules import ChurnRulesVersion, load_churn_rules
 from streams.config import Settings, settings
 
 # How often, in days of event time, the demo has the writer publish boundaries and the churn model.
 PUBLISH_EVERY_DAYS = 30
+# The demo's churn rules: the latest version of the rules file, in force over the whole history.
+DEMO_CHURN_RULES = "churn-rules.toml"
+DEMO_RULES_FROM = "2020-01-01T00:00:00Z"
 # A customer who left this long before the end has had time to raise every churn indicator
 # (deploy/churn-rules.toml: dormant after 60 days).
 DETECTABLE_AFTER_DAYS = 60
@@ -121,6 +126,9 @@ def run_demo(customers: int, days: int, seed: int) -> int:
     now = datetime.now(UTC)  # the demo's one wall-clock read: the simulated history ends here
     state_dir = settings().state_dir / "demo"
     os.environ["CRM_STATE_DIR"] = str(state_dir)
+    rules_source = settings().churn_rules
+    # Before anything is started: the worker, the writer and the stack left running read this file.
+    os.environ["CRM_CHURN_RULES"] = str(state_dir / DEMO_CHURN_RULES)
     # Boundaries and the churn model only when the demo asks, at points of the simulated history.
     config = replace(settings(), boundaries_seconds=0, churn_model_seconds=0)
     broker = LocalBroker(config)
@@ -130,8 +138,11 @@ def run_demo(customers: int, days: int, seed: int) -> int:
         broker.stop()
     worker.stop()
     shutil.rmtree(state_dir, ignore_errors=True)
+    churn_version = _churn_rules_for_demo(rules_source, state_dir / DEMO_CHURN_RULES)
     console.rule("[bold]crm demo")
     console.print(f"State directory: {state_dir} (fresh)")
+    console.print(f"Churn rules: version {churn_version} of {_relative(rules_source)}, the latest, over the whole "
+                  f"history, as in a shop that has run it from the start ({_relative(state_dir / DEMO_CHURN_RULES)})")
 
     started = time.monotonic()
     if config.uses_local_kafka:
@@ -162,6 +173,26 @@ def run_demo(customers: int, days: int, seed: int) -> int:
 
     serve_after_demo(console)  # the stack again, in the background, with the dashboard on the demo's data
     return 0
+
+
+def _churn_rules_for_demo(source: Path, target: Path) -> str:
+    """Writes to `target` the latest version of the churn rules in `source`, in force from 2020 on, and
+    returns its name. The rules file dates each version by event time and a new one takes effect
+    from its `effective_from` (never earlier: that would rewrite alerts already raised), so a history
+    that ends now would be judged mostly by older versions; the demo shows the rules a fresh
+    install runs, over its whole simulated history."""
+    latest = load_churn_rules(source).versions[-1]
+    blocks = re.split(r"(?m)^(?=\[\[versions\]\][ \t]*(?:#.*)?$)", source.read_text())
+    block, count = re.subn(r"(?m)^effective_from[ \t]*=.*$", f"effective_from = {DEMO_RULES_FROM}", blocks[-1],
+                           count=1)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(f"# crm demo: version {latest.version} of {source}, from {DEMO_RULES_FROM} (services/demo.py).\n"
+                      + block)
+    derived = load_churn_rules(target).versions
+    if count != 1 or len(derived) != 1 or derived[0].model_dump(exclude={"effective_from"}) \
+            != latest.model_dump(exclude={"effective_from"}):
+        raise ValueError(f"could not take the latest churn rules version out of {source}")
+    return latest.version
 
 
 def _relative(path: Path) -> str:
@@ -369,23 +400,31 @@ def _alerts(console: Console, config: Settings, query, simulator: Simulator) -> 
         "FROM (SELECT alert_id, argMax(tuple(status, customer_id, severity), version) AS now FROM churn_alerts FINAL "
         "WHERE alert_type = 'churn_risk' GROUP BY alert_id) WHERE now.1 IN ('opened', 'updated')",
         {"left": sorted(left_at)})[1]
-    early = len(opened) - len(after_leaving)
+    early = [alert for alert in opened if not alert.after_leaving(left_at)]
+    # Early warnings on customers who did leave later (the alert came before their last purchase),
+    # and on customers still buying at the end of the history.
+    before_leaving = [alert for alert in early if alert.customer_id in left_at]
+    ahead = statistics.median(-alert.days_after_leaving(left_at) for alert in before_leaving) if before_leaving else 0
+    rules = _churn_rules_at(config, end)
+    per_leaver = len(opened) / max(len(left_at), 1)
     console.print(
         f"The simulator let {len(left_at)} of {len(customers)} customers ({len(left_at) / len(customers):.0%}) leave over "
         f"the {simulator.w.days} days (retailers commonly lose a third or more of a year's customers). Nobody says so: "
         f"they stop buying. The platform flagged {len(caught)} of the {len(detectable)} "
         f"({len(caught) / max(len(detectable), 1):.0%}) who left more than {DETECTABLE_AFTER_DAYS} days before the end, "
         f"a median of {delay:.0f} days after their last purchase.\n"
-        f"What to expect: one churn-risk alert per customer who leaves, some weeks after their last purchase, plus "
-        f"early warnings on customers who are only having a quiet spell, which close with their next purchase. Here "
-        f"{len(opened)} churn-risk alerts opened on {len({alert.customer_id for alert in opened})} customers: "
-        f"{len(after_leaving)} after the customer had really left, {early} early warnings "
-        f"({early / max(len(after_leaving), 1):.1f} per real one). How often each reason was right is below: a "
-        f"retailer acts on the high-severity alerts first, and may raise the thresholds of the reasons that are "
-        f"mostly early (deploy/churn-rules.toml). Open now: {open_now} ({open_now / len(customers):.0%} of customers; "
-        f"{open_on_left} on customers who have left; {open_urgent} of high or critical severity, the call list).")
+        f"Alert volume to expect: about one churn-risk alert per customer who leaves. Here {len(opened)} opened on "
+        f"{len({alert.customer_id for alert in opened})} customers, {per_leaver:.1f} per customer who left: "
+        f"{len(after_leaving)} ({len(after_leaving) / max(len(opened), 1):.0%}) after the customer's real last purchase, "
+        f"and {len(early)} early warnings, {len(before_leaving)} of them on customers who did leave later (a median "
+        f"of {ahead:.0f} days before their last purchase) and {len(early) - len(before_leaving)} on customers only "
+        f"having a long pause, which their next purchase closes. Why so few: {_why(rules)} "
+        f"Open now: {open_now} ({open_now / len(customers):.0%} of customers; {open_on_left} on customers who have "
+        f"left; {open_urgent} of high or critical severity, the call list).")
     print_result(*_by_reason(opened, left_at), title="Churn-risk alerts opened, by reason, against what the simulator "
                  "knows", console=console)
+    print_result(*_by_kind(customers, opened, left_at), title="Churn-risk alerts opened, by the simulator's kind of "
+                 "shopper", console=console)
     print_result(*query("SELECT alert_type, count() AS opened, uniqExact(customer_id) AS customers, "
                         "countIf(severity IN ('high', 'critical')) AS high_or_critical FROM churn_alerts FINAL "
                         "WHERE status = 'opened' GROUP BY alert_type ORDER BY opened DESC"),
@@ -430,8 +469,52 @@ def _by_reason(opened: list[ChurnAlert], left_at: dict[str, datetime]) -> tuple[
     return ["reason", "opened", "alone", "customer had left", "usual severity"], rows
 
 
+def _by_kind(customers: list[Customer], opened: list[ChurnAlert],
+             left_at: dict[str, datetime]) -> tuple[list[str], list[tuple]]:
+    """Per kind of shopper (the simulator's personas): customers, how many left, the alerts opened
+    after the customer had left and the early ones, and the early ones per customer still buying."""
+    kind_of = {c.customer_id: c.persona.name for c in customers}
+    rows = []
+    for kind in sorted(set(kind_of.values())):
+        members = [c for c in customers if c.persona.name == kind]
+        left = sum(1 for c in members if c.left_at)
+        alerts = [alert for alert in opened if kind_of.get(alert.customer_id) == kind]
+        true = sum(alert.after_leaving(left_at) for alert in alerts)
+        rows.append((kind, len(members), left, len(alerts), true, len(alerts) - true,
+                     f"{(len(alerts) - true) / max(len(members) - left, 1):.2f}"))
+    rows.sort(key=lambda row: -row[5])
+    return ["kind of shopper", "customers", "left", "alerts", "after leaving", "early",
+            "early per customer still buying"], rows
+
+
+def _churn_rules_at(config: Settings, at: datetime) -> ChurnRulesVersion:
+    return load_churn_rules(config.churn_rules).at_ms(int(at.timestamp() * 1000))
+
+
+def _why(rules: ChurnRulesVersion) -> str:
+    """What in the churn rules version keeps the alert volume down (docs/alerts.md)."""
+    churn = AlertType.CHURN_RISK
+    indicators = rules.indicators
+    parts = [f"under rules version {rules.version}"]
+    if churn in rules.open_min_weight:
+        parts.append(f"a churn-risk alert opens only on reasons weighing {rules.open_min_weight[churn]:g} or more "
+                     f"(purchase_gap {indicators.purchase_gap.weight:g}, dormant {indicators.dormant.weights[0]:g} "
+                     f"then {indicators.dormant.weights[-1]:g}, low_p_alive {indicators.low_p_alive.weight:g}, "
+                     f"frequency_falling {indicators.frequency_falling.weight:g}, activity_falling "
+                     f"{indicators.activity_falling.weight:g})")
+    if churn in rules.reopen_after_days:
+        parts.append(f"not within {rules.reopen_after_days[churn]} days of the customer's last one closing")
+    parts.append(f"a purchase gap counts from {indicators.purchase_gap.factor:g} times the customer's usual gap")
+    activity = indicators.activity_falling
+    if activity.max_recent is not None or activity.min_days_since_purchase is not None:
+        parts.append("app activity only once it has stopped"
+                     + (f" and the customer has not bought for {activity.min_days_since_purchase} days"
+                        if activity.min_days_since_purchase is not None else ""))
+    return "; ".join(parts) + ". A retailer acts on the high-severity alerts first; how often each reason was right is below."
+
+
 def _allowed_actions(config: Settings, at: datetime) -> set[str]:
-    version = load_churn_rules(config.churn_rules).at_ms(int(at.timestamp() * 1000))
+    version = _churn_rules_at(config, at)
     return {action.kind for actions in version.actions.values() for action in actions}
 
 

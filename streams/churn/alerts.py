@@ -5,7 +5,9 @@ it is updated when its reasons or its severity change; it is resolved when an ev
 customer's clears every reason, or is one that resolves the type whatever remains (`resolved_by`:
 a purchase for churn risk), and expires when time alone clears them or when it has been open
 `expire_after_days`. The reasons of an expired alert raise no new alert until
-they have cleared (see ChurnState.quiet); a new reason does.
+they have cleared (see ChurnState.quiet); a new reason does. From version 2026-12 of the rules an
+alert opens only when its reasons weigh enough (`open_min_weight`), and not within
+`reopen_after_days` of the customer's last alert of the type closing.
 
 Ids are derived from the customer and a per-customer count, changes from the alert and its version,
 so a redelivery or a replay produces the same ids (schemas/identity.py derived_id)."""
@@ -39,6 +41,8 @@ def transition(profile: CustomerProfile, churn: ChurnState, found: list[Finding]
     """The alert changes (AlertChange records as JSON dicts) that `found` makes at `now_ms`;
     updates `churn` (open alerts, quiet reasons) in place."""
     changes: list[dict[str, Any]] = []
+    if churn.closed:
+        _end_cool_downs(churn, rules, now_ms)
     if not found and not churn.open and not churn.quiet:
         return changes  # the common case: nothing holds, nothing open, nothing quiet
     by_kind: dict[str, list[Finding]] = {}
@@ -51,7 +55,7 @@ def transition(profile: CustomerProfile, churn: ChurnState, found: list[Finding]
         if current is None:
             if not codes and kind not in churn.quiet:
                 continue  # what _raises would say, without its bookkeeping (there is none to do)
-            if _raises(churn, kind, codes):
+            if _raises(churn, kind, codes) and _may_open(churn, kind, alert_type, mine, rules, now_ms):
                 churn.opened_count += 1
                 alert_id = str(derived_id("alert", profile.customer_key, str(churn.opened_count)))
                 severity, weighted = _severity(mine, profile, rules)
@@ -66,6 +70,8 @@ def transition(profile: CustomerProfile, churn: ChurnState, found: list[Finding]
             status = AlertStatus.RESOLVED if resolved else AlertStatus.EXPIRED
             if codes:
                 churn.quiet[kind] = codes
+            if alert_type in rules.reopen_after_days:
+                churn.closed[kind] = now_ms
             del churn.open[kind]
             current.version += 1
             # The closing change names the reasons it closes, without evidence (they no longer hold).
@@ -95,6 +101,29 @@ def _raises(churn: ChurnState, kind: str, codes: list[str]) -> bool:
     else:
         del churn.quiet[kind]
     return any(code not in quiet for code in codes)
+
+
+def _may_open(churn: ChurnState, kind: str, alert_type: AlertType, found: list[Finding], rules: ChurnRulesVersion,
+              now_ms: int) -> bool:
+    """Whether the reasons weigh enough to open an alert of the type (`open_min_weight`), and the
+    cool-down after the customer's last alert of the type (`reopen_after_days`) has passed."""
+    if sum(finding.weight for finding in found) < rules.open_min_weight.get(alert_type, 0):
+        return False
+    return kind not in churn.closed  # cool-downs that are over were dropped (_end_cool_downs)
+
+
+def _end_cool_downs(churn: ChurnState, rules: ChurnRulesVersion, now_ms: int) -> None:
+    """Drops the cool-downs that are over at `now_ms` (or that the rules in force no longer have)."""
+    for kind, closed in list(churn.closed.items()):
+        cool_down = rules.reopen_after_days.get(AlertType(kind))
+        if cool_down is None or now_ms >= closed + cool_down * DAY_MS:
+            del churn.closed[kind]
+
+
+def reopen_ms(churn: ChurnState, rules: ChurnRulesVersion) -> list[int]:
+    """When the cool-downs running now end: a reason still holding may open an alert then."""
+    return [closed + rules.reopen_after_days[AlertType(kind)] * DAY_MS for kind, closed in churn.closed.items()
+            if AlertType(kind) in rules.reopen_after_days]
 
 
 def _severity(found: list[Finding], profile: CustomerProfile, rules: ChurnRulesVersion) -> tuple[Severity, float]:

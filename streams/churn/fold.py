@@ -12,7 +12,7 @@ from schemas.alerts import AlertType, Cause, ChurnModelPublished
 from schemas.envelope import Envelope
 from schemas.events import PurchaseCompleted
 from streams.churn import indicators
-from streams.churn.alerts import transition
+from streams.churn.alerts import reopen_ms, transition
 from streams.churn.rules import ChurnRules
 from streams.churn.score import Score, falls_below_ms, score
 from streams.churn.state import ChurnState
@@ -59,6 +59,8 @@ def next_due_ms(profile: CustomerProfile, churn: ChurnState, account: Account, m
     moments = [indicators.next_change_ms(profile, churn, account, version, now),
                falls_below_ms(churn, model, version.indicators.low_p_alive.below)]
     moments += [alert.opened_ms + version.expire_after_days[AlertType(kind)] * DAY_MS for kind, alert in churn.open.items()]
+    if churn.closed:
+        moments += reopen_ms(churn, version)
     if churn.scored_ms is not None:
         moments.append(churn.scored_ms + version.score_refresh_days * DAY_MS)
     return min((moment for moment in moments if moment is not None and moment > now), default=None)

@@ -41,8 +41,8 @@ def findings(profile: CustomerProfile, churn: ChurnState, account: Account, p_al
     """Every indicator that holds at `now_ms`, in the order of the rules."""
     found = [
         _purchase_gap(churn, rules, now_ms),
-        _falling("frequency_falling", rules.indicators.frequency_falling, profile, _FREQUENCY_KINDS, now_ms),
-        _falling("activity_falling", rules.indicators.activity_falling, profile, _ACTIVITY_KINDS, now_ms),
+        _falling("frequency_falling", rules.indicators.frequency_falling, profile, churn, _FREQUENCY_KINDS, now_ms),
+        _falling("activity_falling", rules.indicators.activity_falling, profile, churn, _ACTIVITY_KINDS, now_ms),
         _dormant(profile, churn, rules, now_ms),
         _low_p_alive(p_alive, expected_90d, rules),
         _complaint_unresolved(profile, rules, now_ms),
@@ -79,6 +79,8 @@ def next_change_ms(profile: CustomerProfile, churn: ChurnState, account: Account
                     break
     if churn.purchase_day_count and profile.last_seen_ms is not None:
         moments += [profile.last_seen_ms + offset for offset in offsets.dormant_ms]
+    if churn.last_purchase_ms is not None:
+        moments += [churn.last_purchase_ms + offset for offset in offsets.since_purchase_ms]
     if profile.open_complaints:
         moments += [filed + offsets.complaint_ms for filed in profile.open_complaints.values()]
     surveys = profile.surveys
@@ -97,6 +99,7 @@ class _Offsets:
     """A rules version's look-backs in milliseconds, for `next_change_ms`."""
     entry_ms: dict[str, tuple[int, ...]]   # recent-entry kind -> ascending offsets from its event time
     dormant_ms: tuple[int, ...]
+    since_purchase_ms: tuple[int, ...]     # falling indicators' min_days_since_purchase, where set
     complaint_ms: int
     survey_ms: tuple[tuple[str, int], ...]
     tier_ms: int
@@ -122,6 +125,9 @@ def _offsets(rules: ChurnRulesVersion) -> _Offsets:
     offsets = _Offsets(
         entry_ms={kind: tuple(sorted(values)) for kind, values in entry_ms.items()},
         dormant_ms=tuple(days * DAY_MS for days in indicators.dormant.days),
+        since_purchase_ms=tuple(sorted({falling.min_days_since_purchase * DAY_MS
+                                        for falling in (indicators.frequency_falling, indicators.activity_falling)
+                                        if falling.min_days_since_purchase is not None})),
         complaint_ms=indicators.complaint_unresolved.hours * HOUR_MS,
         survey_ms=(("nps", indicators.nps_detractor.within_days * DAY_MS),
                    ("csat", indicators.csat_low.within_days * DAY_MS)),
@@ -170,8 +176,12 @@ def _purchase_gap(churn: ChurnState, rules: ChurnRulesVersion, now_ms: int) -> F
     })
 
 
-def _falling(code: str, falling: Falling, profile: CustomerProfile, kinds: tuple[str, ...],
+def _falling(code: str, falling: Falling, profile: CustomerProfile, churn: ChurnState, kinds: tuple[str, ...],
              now_ms: int) -> Finding | None:
+    since_purchase = falling.min_days_since_purchase
+    if since_purchase is not None and (churn.last_purchase_ms is None
+                                       or now_ms - churn.last_purchase_ms < since_purchase * DAY_MS):
+        return None  # only a buyer (as `dormant`) who has not bought for so long
     recent_start = now_ms - falling.recent_days * DAY_MS
     prior_start = recent_start - falling.prior_days * DAY_MS
     recent = prior = 0
@@ -182,12 +192,15 @@ def _falling(code: str, falling: Falling, profile: CustomerProfile, kinds: tuple
     if prior < falling.min_prior:
         return None
     ratio = (recent / falling.recent_days) / (prior / falling.prior_days)
-    if ratio > falling.max_ratio:
+    if ratio > falling.max_ratio or (falling.max_recent is not None and recent > falling.max_recent):
         return None
-    return Finding(code, falling.weight, {
+    evidence = {
         "recent": recent, "recent_days": falling.recent_days, "prior": prior, "prior_days": falling.prior_days,
         "rate_ratio": round(ratio, 3), "max_ratio": falling.max_ratio,
-    })
+    }
+    if since_purchase is not None:
+        evidence["days_since_last_purchase"] = _days(now_ms - churn.last_purchase_ms)  # type: ignore[operator]
+    return Finding(code, falling.weight, evidence)
 
 
 def _dormant(profile: CustomerProfile, churn: ChurnState, rules: ChurnRulesVersion, now_ms: int) -> Finding | None:

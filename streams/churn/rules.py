@@ -28,11 +28,16 @@ class PurchaseGap(Rules):
 
 class Falling(Rules):
     """The rate per day in the last `recent_days` is at most `max_ratio` of the rate in the
-    `prior_days` before them, which had at least `min_prior` occurrences."""
+    `prior_days` before them, which had at least `min_prior` occurrences; and, when set, the last
+    `recent_days` had at most `max_recent` occurrences (0: the activity stopped, not a quiet fortnight)
+    and the customer has not bought for `min_days_since_purchase` days (someone who still buys is not
+    leaving, whatever their app use). Unset (None), they hold regardless, as before version 2026-12."""
     recent_days: Days
     prior_days: Days
     max_ratio: Ratio = 0.5
     min_prior: int = Field(default=2, ge=1)
+    max_recent: int | None = Field(default=None, ge=0)
+    min_days_since_purchase: Days | None = None
     weight: Weight = 20
 
 
@@ -145,6 +150,14 @@ class ChurnRulesVersion(RulesVersionBase):
         AlertType.CHURN_RISK: ["purchase_completed"]})
     # The churn score is recomputed at least this often while time passes.
     score_refresh_days: Days = 7
+    # Alert type -> the sum of its reasons' weights (before the customer's value weight, which grades
+    # urgency, not evidence) from which an alert of the type opens: weaker evidence alone raises none.
+    # An alert already open stays open while any reason holds. Types not named: any reason opens one.
+    open_min_weight: dict[AlertType, Weight] = Field(default_factory=dict)
+    # Alert type -> days after an alert of the type closed (resolved or expired) before another may
+    # open for the customer: a shopper whose quiet spell ended with a purchase is not flagged again
+    # at the next quiet week. Types not named: at once, as before version 2026-12.
+    reopen_after_days: dict[AlertType, Days] = Field(default_factory=dict)
     # Per value tier ("" = not yet scored is treated as "low"), the actions in order of preference;
     # the first one with a channel the customer consented to (marketing) is recommended.
     actions: dict[str, list[Action]] = Field(default_factory=dict)

@@ -40,6 +40,9 @@ class ChurnState:
     quiet: dict[str, list[str]] = field(default_factory=dict)
     # When the churn score was last computed (to refresh it as time passes).
     scored_ms: int | None = None
+    # Alert type -> when its last alert closed, kept while the cool-down of the rules in force for
+    # the type (reopen_after_days) runs: no new alert of the type opens before it has passed.
+    closed: dict[str, int] = field(default_factory=dict)
 
     def record_purchase(self, occurred_ms: int) -> None:
         day = occurred_ms - occurred_ms % DAY_MS
@@ -63,6 +66,8 @@ class ChurnState:
             data["quiet"] = self.quiet
         if self.scored_ms is not None:
             data["scored"] = self.scored_ms
+        if self.closed:
+            data["closed"] = self.closed
         return data
 
     def copy(self) -> ChurnState:
@@ -71,7 +76,8 @@ class ChurnState:
                           self.purchase_day_count,
                           {kind: OpenAlert(a.alert_id, a.version, a.opened_ms, a.severity, list(a.codes))
                            for kind, a in self.open.items()},
-                          self.opened_count, {kind: list(codes) for kind, codes in self.quiet.items()}, self.scored_ms)
+                          self.opened_count, {kind: list(codes) for kind, codes in self.quiet.items()}, self.scored_ms,
+                          dict(self.closed))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ChurnState:
@@ -79,4 +85,4 @@ class ChurnState:
             return cls()
         return cls(data.get("days", []), data.get("first"), data.get("last"), data.get("count", 0),
                    {kind: OpenAlert(*values) for kind, values in data.get("open", {}).items()},
-                   data.get("opened", 0), data.get("quiet", {}), data.get("scored"))
+                   data.get("opened", 0), data.get("quiet", {}), data.get("scored"), data.get("closed", {}))

@@ -23,6 +23,12 @@ from privacy.secrets import MasterKeyring
 from streams import topics
 
 log = logging.getLogger(__name__)
+# Kafka closes (rolls) a segment only when a record arrives after segment.ms, and compacts only closed
+# segments: on a quiet topic an erased key's wrapped record could wait for the next key ever made. So
+# every process that follows the topic appends, this often, a tombstone of a fixed key to each partition
+# that changed since: it closes the segment once segment.ms has passed, and compaction keeps one of them.
+ROLL_NUDGE_SECONDS = 600.0
+ROLL_NUDGE_KEY = b"~segment-roll"
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class KeyStore:
         self._producer: KafkaProducer | None = None
         self._follower: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._nudged_at = time.monotonic()
+        self._ends_seen: dict[int, int] = {}
 
     # --- life cycle ---
 
@@ -189,9 +197,21 @@ class KeyStore:
                 with self._lock:
                     batch = self._consumer.poll(timeout_ms=0, max_records=10_000)  # type: ignore[union-attr]
                     self._apply(batch)
+                    if time.monotonic() - self._nudged_at >= ROLL_NUDGE_SECONDS:
+                        self._nudge_segment_rolls()
             except Exception:  # noqa: BLE001 - the follower keeps going; the next poll retries
                 log.exception("key store: reading %s failed; retrying", self._topic)
             self._stopping.wait(0.2)
+
+    def _nudge_segment_rolls(self) -> None:
+        self._nudged_at = time.monotonic()
+        ends = self._consumer.end_offsets(list(self._consumer.assignment()))  # type: ignore[union-attr]
+        changed = [tp.partition for tp, end in ends.items() if end > self._ends_seen.get(tp.partition, 0)]
+        for partition in changed:
+            self._producer.send(self._topic, key=ROLL_NUDGE_KEY, value=None, partition=partition)  # type: ignore[union-attr]
+        if changed:
+            self._producer.flush()  # type: ignore[union-attr]
+        self._ends_seen = {tp.partition: end + (tp.partition in changed) for tp, end in ends.items()}
 
     def _apply(self, batch: dict) -> None:
         for records in batch.values():

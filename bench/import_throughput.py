@@ -9,14 +9,17 @@ It starts its own broker on free ports in a temporary state directory, creates t
 writes a synthetic retailer export (services/importer/sample.py: customers, orders with one row per
 line item, refunds, points balances; CSV the German way by default). Then:
 
-(a) raw: the import's events, built beforehand (keys and values in memory), produced by one
+(a) raw: the import's events, built beforehand (keys and values in memory, personal fields sealed
+    beforehand with keys derived offline, so the records are the size the import sends), produced by one
     kafka-python producer with the importer's settings (acks=all, idempotent, zstd, linger 20 ms,
     512 KiB batches), to their partitions, 500 of each partition in turn as the importer sends
     them, and flushed: a plain producer of ready-made events at its best (the events set aside from
     the garbage collector, gc.freeze, as the importer sets aside what it built);
 (b) import: `services.importer.run.run` as `crm import` runs it (one worker process per core, each
-    reading the files, building, validating and sorting its partitions' events and sending them),
-    from the start to the last acknowledgement, progress files included, progress bars off;
+    reading the files, building, validating and sorting its partitions' events and sending them,
+    sealing the registrations' personal fields under data keys it creates in crm.customer-keys, one
+    key store call per chunk), from the start to the last acknowledgement, progress files included,
+    progress bars off;
 (c) with --profile: (b) again in this one process under cProfile (`--resend`), and the functions
     that took the most time.
 
@@ -39,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from bench.ingest_throughput import cpu_seconds, load, topic_size
 from bench.pipeline_throughput import free_port, machine
@@ -92,6 +97,8 @@ def main() -> int:
     from services.importer.plan import plan
     from services.importer.run import Options, run
     from services.importer.sample import write_export
+    from services.ingest.sealing import Sealer, offline_keys
+    from privacy.secrets import identity_secret
     from streams import topics
     from streams.config import settings
 
@@ -107,9 +114,12 @@ def main() -> int:
                               import_id="bench")
         files = sum(path.stat().st_size for path in export.folder.iterdir() if path.name != "mapping.toml")
         started = time.perf_counter()
-        planned = plan(load_mapping(export.mapping), config.phone_region)
+        secret = identity_secret(config.state_dir)  # the one the import hashes under
+        planned = plan(load_mapping(export.mapping), config.phone_region, secret)
         planning = time.perf_counter() - started
-        events = interleaved(planned.streams)
+        sealer = Sealer(offline_keys(b"bench"), secret)
+        events = [(partition, event._replace(value=orjson.dumps(sealer.seal([orjson.loads(event.value)])[0]))
+                   if event.personal else event) for partition, event in interleaved(planned.streams)]
         count = len(events)
         size = sum(len(event.value) for _, event in events) / count
         print(f"export: {args.format}, {export.rows:,} rows, {files / 2**20:.1f} MiB; {count:,} events, "

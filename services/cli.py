@@ -3,17 +3,20 @@
   crm start | stop | status     the local stack: Kafka broker, topics, worker, projection writer, alerts
   crm kafka start|stop|status   only the broker
   crm worker | crm writer       run one process in the foreground
+  crm intake                    run the intake (direct producers' crm.intake -> sealed -> crm.events) in the foreground
   crm produce                   send simulated POS and app traffic to the events topic
   crm demo                      all of the above on a fresh local stack, then a summary
   crm sql "SELECT ..."          query the projections
   crm api                       run the ingestion HTTP API in the foreground
-  crm keys create|list|rotate|revoke   API keys for POS terminals, apps, back offices
+  crm keys create|list|rotate|revoke   API keys for POS terminals, apps, back offices (--role support|privacy_officer)
+  crm privacy export|read|erase|rotate-master   personal data of one customer, erasure requests, audited (docs/privacy.md)
   crm alerts                    run the alert service (webhooks, live stream) in the foreground
   crm dashboard                 run the dashboard (charts, live alerts) in the foreground
   crm webhooks add|list|remove|dead|redeliver   webhook subscriptions for churn alerts (docs/webhooks.md)
   crm dlq list|show|resubmit    inspect dead letters and send them again after a fix
   crm import MAPPING            load a retailer's history from CSV, JSON Lines or Parquet (docs/import.md)
   crm replay | crm verify       rebuild every projection from the log and swap it in; compare
+  crm backup [PATH] | crm restore PATH   the log, the wrapped data keys and the SQLite stores (docs/backup.md)
   crm spool status|send|rejected   a POS terminal's offline spool (docs/pos-spool.md)
   crm schemas export            write the JSON Schema files for producers in other languages
   crm schemas cluster           print the ClickHouse cluster DDL (replicated + distributed tables)
@@ -66,7 +69,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     cmd_kafka(argparse.Namespace(action="start"))
     config = settings()
-    for daemon in (processes.worker(config), processes.writer(config), processes.alerts(config)):
+    for daemon in (processes.worker(config), processes.writer(config), processes.intake(config),
+                   processes.alerts(config)):
         pid = daemon.start()
         print(f"{daemon.name} running (pid {pid}), log: {daemon.log_file}")
     from services.dashboard.server import off_reason, url
@@ -84,8 +88,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from services import processes
 
     config = settings()
-    for daemon in (processes.dashboard(config), processes.alerts(config), processes.worker(config),
-                   processes.writer(config)):
+    for daemon in (processes.dashboard(config), processes.alerts(config), processes.intake(config),
+                   processes.worker(config), processes.writer(config)):
         daemon.stop()
         print(f"{daemon.name} stopped.")
     if config.uses_local_kafka:
@@ -108,6 +112,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{daemon.name}: " + (f"running (pid {pid})" if pid else "not running"))
         for line in report(config.state_dir, daemon.name) if pid else ():
             print(f"  {line}")
+    from services.intake.run import status_lines
+
+    for line in status_lines(config, processes.intake(config).pid()):
+        print(line)
     print("api:", *report(config.state_dir, "api"), sep="\n  ")
     from services.sql_http import describe
 
@@ -164,6 +172,12 @@ def cmd_writer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_intake(args: argparse.Namespace) -> int:
+    from services.intake.run import main as intake_main
+
+    return intake_main(settings())
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
@@ -180,24 +194,17 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from projections.clickhouse import EmbeddedDatabaseBusy, connect
     from services.output import print_result
-    from services.sql_http import EndpointUnavailable, admin_client, error_text
+    from services.privacy.reader import NoReader, sql_client
+    from services.sql_http import error_text
 
-    config = settings()
-    query_settings = None if args.write else {"readonly": 2}
+    # The engine when the stack is stopped, else the running writer's SQL endpoint as the local admin
+    # (the same way `crm privacy export` reads).
     try:
-        client = connect(config)
-    except EmbeddedDatabaseBusy as busy:
-        # The running writer owns the database: read it through its SQL endpoint, as the local admin.
-        if args.write:
-            print(f"{busy}\n`crm sql --write` changes data, which only the writer does while it runs.", file=sys.stderr)
-            return 2
-        try:
-            client, query_settings = admin_client(config), None  # the endpoint is read-only
-        except EndpointUnavailable as why:
-            print(f"{busy}\n{why}", file=sys.stderr)
-            return 2
+        client, query_settings = sql_client(settings(), write=args.write)
+    except NoReader as why:
+        print(why, file=sys.stderr)
+        return 2
     from clickhouse_connect.driver.exceptions import DatabaseError
 
     try:
@@ -312,8 +319,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     try:
         if args.action == "create":
             types = frozenset(t.strip() for t in args.types.split(",")) if args.types else None
-            key, secret = store.create(args.source, args.name or args.source, args.store, types, args.rate, args.burst)
-            print(f"key {key.key_id} ({key.source.value}{', store ' + key.store_id if key.store_id else ''}): "
+            # A key with a role (docs/privacy.md) is a back-office key unless told otherwise.
+            source = args.source or ("backoffice" if args.role else "app")
+            key, secret = store.create(source, args.name or source, args.store, types, args.rate, args.burst,
+                                       role=args.role or "")
+            print(f"key {key.key_id} ({key.source.value}{', store ' + key.store_id if key.store_id else ''}"
+                  f"{', role ' + key.role.value if key.role.value else ''}): "
                   f"{secret}\nThe secret is shown once; only its hash is kept.")
         elif args.action == "rotate":
             print(f"key {args.key_id}: {store.rotate(args.key_id)}\nThe old secret no longer works.")
@@ -321,8 +332,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             store.revoke(args.key_id)
             print(f"key {args.key_id} revoked")
         else:
-            print_result(["key_id", "source", "name", "store", "rate/s", "burst", "types", "state"],
-                         [[k.key_id, k.source.value, k.name, k.store_id or "", k.rate_per_second, k.burst,
+            print_result(["key_id", "source", "role", "name", "store", "rate/s", "burst", "types", "state"],
+                         [[k.key_id, k.source.value, k.role.value, k.name, k.store_id or "", k.rate_per_second, k.burst,
                            len(k.event_types), "active" if k.active else "revoked"] for k in store.list()], args.format)
     except KeyProblem as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -330,6 +341,24 @@ def cmd_keys(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from services.privacy import commands
+
+    config = settings()
+    if args.action == "rotate-master":
+        return commands.rotate_master(config, args.reason)
+    if not args.customer:
+        print(f"error: give the customer key: crm privacy {args.action} CUSTOMER --reason ...", file=sys.stderr)
+        return 2
+    if args.action == "erase":
+        if not args.request_id:
+            print("error: give --request-id (the erasure request's id in your records)", file=sys.stderr)
+            return 2
+        return commands.erase(config, args.customer, args.reason, args.request_id)
+    return commands.read(config, "export" if args.action == "export" else "read_personal", args.customer,
+                         args.reason, args.out)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -360,7 +389,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     if isinstance(sent, DecodeError):
         print(f"not sent, it still fails: {sent}", file=sys.stderr)
         return 1
-    print(f"sent event {sent.event_id} ({sent.type}) to crm.events for {sent.customer_key}")
+    print(f"sent event {sent.event_id} ({sent.type}) to {sent.topic} for {sent.customer_key}")
     return 0
 
 
@@ -480,6 +509,72 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all(c.identical for c in comparisons) else 1
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from services import backup
+
+    config = settings()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    try:
+        if config.uses_local_kafka and not _broker().status().running:
+            print("error: the local broker is not running (crm kafka start)", file=sys.stderr)
+            return 2
+        if args.erasures_only:
+            target = Path(args.path or f"crm-erasures-{stamp}.jsonl")
+            count = backup.export_erasures(config, target)
+            print(f"erasure register: {count} erasures -> {target} (keep it apart from the backups: docs/backup.md)")
+            return 0
+        target = Path(args.path or f"crm-backup-{stamp}")
+        manifest = backup.take_backup(config, target)
+    except (backup.BackupError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    # A backup copies every customer's sealed data and wrapped keys: who took it, and where, is audited.
+    from services.privacy import audit
+
+    writer = audit.AuditWriter(config.kafka_bootstrap)
+    try:
+        writer.write(audit.build(audit.cli_actor(), "operator", "backup", "allowed", reason=f"crm backup {target}",
+                                 detail=", ".join(f"{name} {info['records']}" for name, info in manifest["topics"].items())))
+    finally:
+        writer.close()
+    print(f"backup in {target} ({manifest['seconds']:.1f} s). Not in it: the master keys and the identity secret "
+          f"(keep them in your secret store) and the projections (a restore rebuilds them)")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from services import backup
+
+    config = settings()
+    if args.force and not args.yes:
+        if not sys.stdin.isatty():
+            print("error: --force wipes the state directory; confirm with --yes", file=sys.stderr)
+            return 2
+        answer = input(f"--force deletes everything in {config.state_dir} but its secrets. Type 'wipe' to go on: ")
+        if answer.strip() != "wipe":
+            print("nothing done")
+            return 1
+    try:
+        report = backup.restore(config, Path(args.path), [Path(f) for f in args.erasures], force=args.force,
+                                reason=args.reason)
+    except backup.BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines()))
+    if args.no_start:
+        print("projections: start the stack (crm start); its worker folds the restored log from offset 0")
+    elif config.uses_local_kafka:
+        cmd_start(args)
+        print("projections: the worker folds the restored log from offset 0 and the writer fills ClickHouse; "
+              "`crm status` shows how far behind they are")
+    else:
+        print("projections: start the workers and writers; with a ClickHouse server, run `crm replay` once they "
+              "caught up (docs/backup.md)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
@@ -529,6 +624,8 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="info", choices=("crit", "error", "warn", "info", "debug"))
     worker.set_defaults(func=cmd_worker)
     sub.add_parser("writer", help="run the projection writer in the foreground").set_defaults(func=cmd_writer)
+    sub.add_parser("intake", help="run the intake in the foreground: crm.intake checked, sealed, into crm.events "
+                                  "(docs/intake.md)").set_defaults(func=cmd_intake)
 
     # The demo's history is six months up to now (services/demo.py), about 100,000 records.
     for name, func, text, customers, days in (
@@ -577,7 +674,11 @@ def parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="API keys of the ingestion API")
     keys.add_argument("action", choices=("create", "list", "rotate", "revoke"))
     keys.add_argument("key_id", nargs="?", help="for rotate and revoke")
-    keys.add_argument("--source", choices=("pos", "app", "backoffice"), default="app")
+    keys.add_argument("--source", choices=("pos", "app", "backoffice"),
+                      help="default app; backoffice for a key with --role")
+    keys.add_argument("--role", choices=("support", "privacy_officer"),
+                      help="support: read and export one customer's personal data; privacy_officer: also request "
+                           "erasure (back-office keys only; docs/privacy.md)")
     keys.add_argument("--name", help="who uses it, for people reading `crm keys list`")
     keys.add_argument("--store", help="the store a POS key is bound to")
     keys.add_argument("--types", help="comma-separated event types (default: the source's usual ones)")
@@ -585,6 +686,15 @@ def parser() -> argparse.ArgumentParser:
     keys.add_argument("--burst", type=int, default=2000, help="events at once (default 2000)")
     keys.add_argument("--format", choices=("table", "csv", "json"), default="table")
     keys.set_defaults(func=cmd_keys)
+
+    private = sub.add_parser("privacy", help="personal data: export or read one customer, request erasure, rotate "
+                                             "the master key; audited (docs/privacy.md)")
+    private.add_argument("action", choices=("export", "read", "erase", "rotate-master"))
+    private.add_argument("customer", nargs="?", help="the customer key (export, read, erase)")
+    private.add_argument("--reason", required=True, help="why: the data subject's request or ticket (audited)")
+    private.add_argument("--out", help="export: write the JSON here (mode 0600) instead of stdout")
+    private.add_argument("--request-id", help="erase: the erasure request's id in your records")
+    private.set_defaults(func=cmd_privacy)
 
     dead = sub.add_parser("dlq", help="dead letters: list, show one, send one again after a fix")
     dead.add_argument("action", choices=("list", "show", "resubmit"))
@@ -622,6 +732,25 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("--password", help="its password (or env CRM_SQL_PASSWORD)")
     verify.add_argument("--format", choices=("table", "csv", "json"), default="table")
     verify.set_defaults(func=cmd_verify)
+
+    saving = sub.add_parser("backup", help="back up the log, the wrapped data keys and the SQLite stores "
+                                           "(docs/backup.md)")
+    saving.add_argument("path", nargs="?", help="a new directory (default crm-backup-<UTC time>); with "
+                                                "--erasures-only, the register file")
+    saving.add_argument("--erasures-only", action="store_true",
+                        help="only the erasure register (crm.erasures) into PATH, JSON Lines (.zst: compressed)")
+    saving.set_defaults(func=cmd_backup)
+    restoring = sub.add_parser("restore", help="restore a backup onto a stopped or fresh state directory, then "
+                                               "start the stack (docs/backup.md)")
+    restoring.add_argument("path", help="the backup directory")
+    restoring.add_argument("--erasures", action="append", default=[], metavar="FILE",
+                           help="an erasure register kept apart (crm backup --erasures-only); repeatable")
+    restoring.add_argument("--force", action="store_true",
+                           help="wipe the local state directory first (all but its secrets), after reading its erasures")
+    restoring.add_argument("--yes", action="store_true", help="confirm --force without asking")
+    restoring.add_argument("--no-start", action="store_true", help="do not start the stack afterwards")
+    restoring.add_argument("--reason", help="for the audit record (a ticket id); default: the backup's name")
+    restoring.set_defaults(func=cmd_restore)
 
     schemas = sub.add_parser("schemas", help="event catalog tools")
     schemas.add_argument("action", choices=("export", "cluster"))

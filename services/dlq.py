@@ -12,9 +12,12 @@ from typing import Any
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from pydantic import ValidationError
 
+from privacy.fields import REDACTED
 from schemas.codec import DecodeError, decode_event
 from schemas.envelope import Envelope
+from schemas.events import submitted_model
 from streams import topics
 from streams.config import Settings
 
@@ -65,21 +68,50 @@ def read(settings: Settings, reason: str | None = None, limit: int | None = None
         consumer.close()
 
 
-def resubmit(settings: Settings, letter: Letter, corrected: Path | None = None) -> Envelope | DecodeError:
-    """Send the letter's event (or the corrected one in `corrected`) back to crm.events, if it now
-    passes the event catalog; returns the event sent, or why it still does not pass."""
+@dataclass(frozen=True)
+class Resubmitted:
+    topic: str
+    customer_key: str
+    event_id: str
+    type: str
+
+
+def resubmit(settings: Settings, letter: Letter, corrected: Path | None = None) -> Resubmitted | DecodeError:
+    """Send the letter's event (or the corrected one in `corrected`) again, if it now passes the event
+    catalog; returns where it went, or why it still does not pass. An event with plain personal values
+    (a corrected file; dead letters keep them only redacted) goes to crm.intake, whose agent checks
+    and seals it (docs/intake.md); any other to crm.events."""
     raw = corrected.read_bytes() if corrected else letter.value
     decoded = decode_event(raw)
+    topic = topics.EVENTS.name
+    if isinstance(decoded, DecodeError) and decoded.reason == "personal_data_in_clear":
+        if REDACTED.encode() in raw:
+            return DecodeError("redacted", "the dead letter keeps personal values only as [redacted]: give the "
+                                           "corrected event with --file")
+        submitted = _submitted(raw)
+        if isinstance(submitted, DecodeError):
+            return submitted
+        decoded, topic = submitted, topics.INTAKE.name
     if isinstance(decoded, DecodeError):
         return decoded
     if not isinstance(decoded, Envelope):
         return DecodeError("not_an_event", "only customer events can be sent again")
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
     try:
-        producer.send(topics.EVENTS.name, key=decoded.customer_key.encode(), value=raw).get(timeout=30)
+        producer.send(topic, key=decoded.customer_key.encode(), value=raw).get(timeout=30)
     finally:
         producer.close()
-    return decoded
+    return Resubmitted(topic, decoded.customer_key, str(decoded.event_id), decoded.type)
+
+
+def _submitted(raw: bytes) -> Envelope | DecodeError:
+    """The event in its submitted form (plain personal values), as the intake will check it."""
+    data = orjson.loads(raw)
+    model = submitted_model(data.get("type"), data.get("schema_version", 1))
+    try:
+        return model.model_validate(data)  # type: ignore[union-attr]
+    except (ValidationError, AttributeError) as exc:
+        return DecodeError("schema_invalid", str(exc)[:500])
 
 
 def describe(letter: Letter) -> dict[str, Any]:

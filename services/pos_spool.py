@@ -113,6 +113,12 @@ class Spool:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        # Delivered events are deleted with zeros written over them, so that their plain personal
+        # values do not linger in the file's free pages (docs/pos-spool.md).
+        self._db.execute("PRAGMA secure_delete=ON")
+        # ... and the write-ahead log, which holds copies of recent pages, is cut back to nothing
+        # whenever a checkpoint empties it, instead of keeping them until they are overwritten.
+        self._db.execute("PRAGMA journal_size_limit=0")
         self._db.executescript(SCHEMA)
         # Names this spool in request ids, so that a re-sent batch has the id it had (the API then
         # replaces its dead letters instead of adding copies) and two terminals never share one.

@@ -1,4 +1,4 @@
-"""Background processes of the local stack (worker, projection writer, alert service, dashboard): started
+"""Background processes of the local stack (worker, projection writer, intake, alert service, dashboard): started
 detached with a pid file and a log under the state directory, stopped with SIGTERM (then SIGKILL)."""
 
 from __future__ import annotations
@@ -61,3 +61,7 @@ def alerts(settings: Settings) -> Daemon:
 
 def dashboard(settings: Settings) -> Daemon:
     return Daemon(settings, "dashboard", ["dashboard"])
+
+
+def intake(settings: Settings) -> Daemon:
+    return Daemon(settings, "intake", ["intake"])

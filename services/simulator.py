@@ -4,7 +4,13 @@ after each purchase: the BG/NBD story the churn model assumes, docs/churn-score.
 for a workload (seed, start, length), so two runs send the same events.
 
 It also sends what real producers get wrong, a little of it: malformed bytes, unknown types,
-invalid payloads, and resent duplicates, so the dead-letter path and de-duplication show up."""
+invalid payloads, and resent duplicates, so the dead-letter path and de-duplication show up.
+
+It writes to `crm.events` directly, so it seals personal fields itself, as every edge does
+(services/ingest/sealing.py): `messages()` seals the registrations' name, e-mail, phone and birthday
+under each customer's data key, one key store call per SEAL_BATCH events. Without a `sealer` it opens
+the stack's key store (settings(): CRM_STATE_DIR, CRM_KAFKA_*); tests and benchmarks that need no
+Kafka give `offline_sealer()`. `events()` stays plain: the submitted form, for the ingestion API."""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from decimal import Decimal
 from typing import Any, Iterator
 
 import orjson
+
+from services.ingest.sealing import Sealer, offline_keys
 
 CATEGORIES = {
     "grocery": (1.5, 12.0), "bakery": (1.0, 6.0), "beverages": (1.0, 9.0), "household": (2.5, 25.0),
@@ -68,6 +76,14 @@ CONSENT = {"email": 0.7, "push": 0.6, "sms": 0.15, "phone": 0.3, "post": 0.1}
 LAUNCH_SHARE, LAUNCH_DAYS = 0.6, 21
 # Browsing goes on for a while after the last purchase of a customer who left, as it does in life.
 LINGER_DAYS = (0.0, 30.0)
+# Events sealed per key store call.
+SEAL_BATCH = 2000
+
+
+def offline_sealer(secret: bytes = b"crm-simulator") -> Sealer:
+    """A sealer without Kafka (keys derived from `secret`): for tests and benchmarks that fold the
+    simulated records without a stack; nobody else can open what it seals."""
+    return Sealer(offline_keys(secret), secret)
 
 
 @dataclass
@@ -122,8 +138,9 @@ class Simulator:
     calls) draws the population anew from where its random streams are, so a second call gives
     another one."""
 
-    def __init__(self, workload: Workload):
+    def __init__(self, workload: Workload, sealer: Sealer | None = None):
         self.w = workload
+        self.sealer = sealer
         self.rng = random.Random(workload.seed)
         self.uuid_rng = random.Random(workload.seed * 7919 + 1)
         self.customers: list[Customer] = []  # filled by `events()`, each with whether and when they left
@@ -350,7 +367,7 @@ class Simulator:
         history happened: time in the log follows the events and stops where they do."""
         rng, end = self.rng, self.w.end
         next_tick = _next_midnight(self.w.start)
-        for event in self.events():
+        for event in self._sealed(self.events()):
             while partitions and event["occurred_at"] >= next_tick:
                 yield from self._ticks(next_tick, partitions)
                 next_tick += timedelta(days=1)
@@ -369,6 +386,20 @@ class Simulator:
             next_tick += timedelta(days=1)
         if partitions:
             yield from self._ticks(end, partitions)
+
+    def _sealed(self, events: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The events in their log form, sealed SEAL_BATCH at a time (one key store call each)."""
+        sealer, opened = self.sealer, None
+        if sealer is None:
+            from streams.config import settings
+
+            sealer = opened = Sealer.open(settings())
+        try:
+            for start in range(0, len(events), SEAL_BATCH):
+                yield from sealer.seal(events[start:start + SEAL_BATCH])
+        finally:
+            if opened is not None:
+                opened.close()
 
     def _ticks(self, at: datetime, partitions: int) -> Iterator[Message]:
         for partition in range(partitions):

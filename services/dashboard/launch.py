@@ -40,7 +40,8 @@ def serve_after_demo(console: Console) -> None:
     console.rule("[bold]Dashboard")
     cmd_kafka(argparse.Namespace(action="start"))
     config = settings()
-    for daemon in (processes.worker(config), processes.alerts(config), processes.dashboard(config)):
+    for daemon in (processes.worker(config), processes.intake(config), processes.alerts(config),
+                   processes.dashboard(config)):
         console.print(f"{daemon.name} running (pid {daemon.start()}), log: {daemon.log_file}")
     subprocess.Popen([sys.executable, "-m", "services.dashboard.launch", str(os.getpid())], cwd=PROJECT_ROOT,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -13,9 +13,11 @@ Invariants:
 - an event's id is uuid5(the import's namespace, "<kind>:<natural key>") and its content depends on
   its rows and the mapping only (never on a clock), so another run sends the same bytes; a natural
   key already sent by this import rejects the later row as `duplicate_key`;
-- every event is sent as exactly the JSON that passed the catalog's own model
-  (schemas.codec.decode_catalog_event), keyed by the customer key that model gives it, in the
-  stream of the partition Kafka's default partitioner gives that key."""
+- every event is planned as exactly the JSON that passed the catalog's model as producers submit it
+  (`submitted_model`: personal fields plain), keyed by the customer key that model gives it, in the
+  stream of the partition Kafka's default partitioner gives that key; its personal fields are sealed
+  when it is sent (send.py), so plain values never leave the importer's memory and its reject report;
+- e-mails and phones become their keyed hashes (HMAC under the identity secret), as at the API."""
 
 from __future__ import annotations
 
@@ -31,8 +33,11 @@ from typing import Any, NamedTuple
 import orjson
 from kafka.partitioner.default import murmur2
 
-from schemas.codec import MAX_EVENT_BYTES, DecodeError, decode_catalog_event
-from schemas.envelope import AliasType
+from pydantic import ValidationError
+
+from schemas.codec import MAX_EVENT_BYTES, DecodeError, _describe, out_of_time
+from schemas.envelope import AliasType, Envelope
+from schemas.events import EVENT_TYPES, personal_payload_fields, submitted_model
 from services.importer.mapping import (
     ADDRESS_FIELDS, CONSENT_FIELDS, IDENTITY, Columns, EventsSpec, Mapping, SourceFile, columns_of, key_columns,
 )
@@ -202,10 +207,29 @@ class Reject:
 
 class Planned(NamedTuple):
     """An event ready to send: where it sorts (sort_key), its Kafka key and value; plain bytes, as
-    compact as an event can wait in memory."""
+    compact as an event can wait in memory. `personal`: it holds personal values, which send.py seals
+    before Kafka sees them."""
     order: bytes
     key: bytes
     value: bytes
+    personal: bool = False
+
+
+def validate(body: dict[str, Any]) -> Envelope | DecodeError:
+    """The event as producers submit it (personal fields plain), or why the catalog refuses it: the
+    checks of schemas.codec.decode_catalog_event on the submitted form."""
+    type_name = body.get("type")
+    if type_name not in EVENT_TYPES:
+        return DecodeError("unknown_type", f"type {type_name!r} is not in the event catalog")
+    version = body.get("schema_version", 1)
+    model = submitted_model(type_name, version) if isinstance(version, int) else None
+    if model is None:
+        return DecodeError("unsupported_schema_version", f"{type_name} has no schema_version {version!r}")
+    try:
+        event = model.model_validate(body)
+    except ValidationError as exc:
+        return DecodeError("schema_invalid", _describe(exc))
+    return out_of_time(event) or event
 
 
 def sort_key(customer: str, occurred_at: datetime, rank: int, kind: str, natural_key: str) -> bytes:
@@ -243,9 +267,11 @@ class Builder:
     partition 0 (it will be rejected there). Every row that can meet another lands in one builder,
     so builders of disjoint partitions together make exactly what one builder of all makes."""
 
-    def __init__(self, mapping: Mapping, phone_region: str, partitions: int, owned: frozenset[int]):
+    def __init__(self, mapping: Mapping, phone_region: str, partitions: int, owned: frozenset[int],
+                 identity_secret: bytes):
         self.mapping = mapping
         self.phone_region = phone_region
+        self.identity_secret = identity_secret
         self.partitions, self.owned = partitions, owned
         self.namespace = import_namespace(mapping.import_id).bytes
         self.marker = f"import:{mapping.import_id}"
@@ -384,9 +410,10 @@ class Builder:
                 continue
             normal = normalise(written)
             if normal is None:
-                raise RowError(f"invalid_{name}", f"{name}: {written!r} is not a valid {name}")
+                # The value stays out of the detail: details go to the dead-letter topic (send.py).
+                raise RowError(f"invalid_{name}", f"{name}: not a valid {name}")
             payload[name] = normal
-            identifiers.setdefault(f"{name}_hash", identity_hash(normal))
+            identifiers.setdefault(f"{name}_hash", identity_hash(self.identity_secret, normal))
         birthday = row.parsed("birthday", formats.day)
         if birthday is not None:
             payload["birthday"] = birthday.isoformat()
@@ -515,7 +542,7 @@ class Builder:
                 raise RowError("duplicate_key", f"{draft.kind} {draft.natural_key!r} is also on line "
                                                 f"{claimed[1]} of {claimed[0]}")
             body = {"event_id": event_id(self.namespace, f"{draft.kind}:{draft.natural_key}"), **draft.body}
-            event = decode_catalog_event(body)
+            event = validate(body)
             if isinstance(event, DecodeError):
                 raise RowError(event.reason, event.detail)
             # What passed the model; the worker reads these bytes back into it. Copied: orjson's own
@@ -528,7 +555,9 @@ class Builder:
                 raise AssertionError(f"{key!r} is not the customer its group was placed by")
             rank = RANKS.get(draft.kind, RANKS["events"])
             order = sort_key(key, event.occurred_at, rank, draft.kind, draft.natural_key)
-            planned.append(Planned(order, key.encode(), value))
+            personal = any(payload.get(name) is not None for name in personal_payload_fields(event.type)) \
+                if isinstance(payload := body.get("payload"), dict) else False
+            planned.append(Planned(order, key.encode(), value, personal))
         for draft in drafts:
             self._sent_keys[f"{draft.kind}:{draft.natural_key}"] = (rows[0].sheet.source.name, rows[0].line)
         self.streams[rows[0].partition].extend(planned)

@@ -69,16 +69,18 @@ class Plan:
         return stream_digest(self.events)
 
 
-def plan(mapping: Mapping, phone_region: str, partitions: int = topics.EVENTS.partitions) -> Plan:
+def plan(mapping: Mapping, phone_region: str, identity_secret: bytes,
+         partitions: int = topics.EVENTS.partitions) -> Plan:
     """Every partition's stream, built in this process."""
-    return merge(mapping, [build(mapping, phone_region, partitions, range(partitions))])
+    return merge(mapping, [build(mapping, phone_region, partitions, range(partitions), identity_secret)])
 
 
-def build(mapping: Mapping, phone_region: str, partitions: int, owned: Collection[int],
+def build(mapping: Mapping, phone_region: str, partitions: int, owned: Collection[int], identity_secret: bytes,
           on_rows: Callable[[int], None] = lambda rows: None, stopped: Callable[[], bool] = lambda: False) -> Part:
-    """Read every file of `mapping` and build the events of the `owned` partitions (of `partitions`);
-    `on_rows(n)` hears of each n rows read; `stopped()` true ends the building with Stopped."""
-    builder = Builder(mapping, phone_region, partitions, frozenset(owned))
+    """Read every file of `mapping` and build the events of the `owned` partitions (of `partitions`),
+    e-mails and phones hashed under `identity_secret`; `on_rows(n)` hears of each n rows read;
+    `stopped()` true ends the building with Stopped."""
+    builder = Builder(mapping, phone_region, partitions, frozenset(owned), identity_secret)
     files = []
     for source in mapping.sources:
         found = readers.table(source, Sheet.columns_for(source))

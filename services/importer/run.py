@@ -34,11 +34,13 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, Tex
     TimeRemainingColumn
 from rich.text import Text
 
+from privacy.secrets import identity_secret
 from services.importer import readers, report, send
 from services.importer.build import Reject, Tally
 from services.importer.mapping import Mapping, MappingError, load
 from services.importer.plan import Stopped, build, stream_digest
 from services.importer.progress import ImportBusy, ImportFolder, StreamProgress
+from services.ingest.sealing import Sealer
 from streams import topics
 from streams.config import Settings
 
@@ -189,7 +191,7 @@ def work(job: Job, signals: Signals) -> Work:
     options, settings = job.options, job.settings
     try:
         with _collector_off():
-            part = build(job.mapping, settings.phone_region, job.partitions, job.owned,
+            part = build(job.mapping, settings.phone_region, job.partitions, job.owned, identity_secret(settings.state_dir),
                          signals.rows if job.index == 0 else (lambda rows: None), signals.stopped)
     except (KeyboardInterrupt, Stopped):
         return Work("interrupted")
@@ -204,16 +206,21 @@ def work(job: Job, signals: Signals) -> Work:
     done.earlier = done.acknowledged = sum(progress.acknowledged for progress in progresses.values())
     signals.planned(done.events - done.earlier)  # what this run has to send
     producer = send.producer(settings.kafka_bootstrap)
+    # Personal fields are sealed as they are sent, under keys of the key store (crm.customer-keys),
+    # which this process opens after the fork (its threads and sockets are its own). Its partitions'
+    # customers are its own, so it need not follow the keys the other processes make.
+    sealer = Sealer.open(settings, follow=False)
     try:
         gc.freeze()
         send.send_streams(producer, [send.Stream(partition, part.streams[partition], progress.acknowledged,
                                                  _recorder(folder, progress, signals, done))
                                      for partition, progress in sorted(progresses.items())],
-                          signals.stopped, options.crash_after)
+                          signals.stopped, options.crash_after, sealer)
     except Stopped:
         done.status = "interrupted"
     finally:
         gc.unfreeze()
+        sealer.close()
         _close(producer)
     return done
 

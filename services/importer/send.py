@@ -1,7 +1,9 @@
 """Partitions' planned streams to `crm.events`, and the rejected rows to the dead-letter topic, with
 kafka-python: acks=all, idempotent, zstd-compressed batches, keyed by customer key, to the partition
 the default partitioner gives that key (build.partition_of: murmur2, as `crm produce` and the
-ingestion API's producers choose it).
+ingestion API's producers choose it). Events with personal values are sealed as they are handed over
+(services/ingest/sealing.py), one key store call per chunk; sealing is deterministic, so a resumed or
+repeated run sends the same bytes. Dead letters of files that may hold personal columns keep no row.
 
 Invariants: a stream's records are handed to the producer in stream order and its partition keeps
 that order (the idempotent producer does); a stream's `on_acknowledged(n)` is called only when every
@@ -16,10 +18,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
 from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 
 from services.importer.build import Planned, Reject
+from services.importer.mapping import EventsSpec, SourceFile
+from services.ingest.sealing import Sealer
+from schemas.events import personal_payload_fields
 from services.importer.plan import Stopped
 from streams import topics
 
@@ -59,12 +65,28 @@ def dead_letter_headers(reject: Reject, import_id: str, refused_ms: int, size: i
     return headers
 
 
+def may_hold_personal_data(source: SourceFile) -> bool:
+    """Whether a file's rows can hold personal values: the customers file (names, e-mails, phones,
+    birthdays, addresses), and [[events]] files of a type with personal payload fields."""
+    if source.kind == "customers":
+        return True
+    spec = source.spec
+    return isinstance(spec, EventsSpec) and bool(personal_payload_fields(spec.type))
+
+
 def send_dead_letters(producer: KafkaProducer, rejects: Sequence[Reject], originals: dict[tuple[str, int], bytes],
                       import_id: str, refused_ms: int) -> None:
-    """Every reject with its original row bytes; returns once Kafka acknowledged all of them."""
+    """Every reject with its original row bytes; returns once Kafka acknowledged all of them. The
+    dead-letter topic is kept forever and cannot be erased per customer: a row of a file that may
+    hold personal data is not copied there (nor its detail, which may quote a cell); the import's
+    reject report, on the machine that ran it, keeps it (docs/import.md)."""
     futures = []
     for reject in rejects:
         original = originals.get((reject.source.name, reject.line), b"")
+        if may_hold_personal_data(reject.source):
+            reject = Reject(reject.source, reject.line, reject.reason,
+                            "personal data withheld; see the import's reject report", reject.customer_key)
+            original = orjson.dumps({"file": reject.source.name, "line": reject.line, "row": "[redacted]"})
         futures.append(producer.send(
             topics.DEAD_LETTERS.name, key=reject.customer_key.encode() or None, value=original[:MAX_DEAD_LETTER_BYTES],
             headers=dead_letter_headers(reject, import_id, refused_ms, len(original))))
@@ -89,13 +111,14 @@ class Stream:
 
 
 def send_streams(producer: KafkaProducer, streams: list[Stream], stopped: Callable[[], bool] = lambda: False,
-                 crash_after: int | None = None) -> int:
+                 crash_after: int | None = None, sealer: Sealer | None = None) -> int:
     """Send each stream's events[start:] to its partition of crm.events, a chunk of each in turn
     (kafka-python sends one partition's long run of records at half the rate); returns how many
     records were handed over. On Ctrl-C or once `stopped()`, what Kafka acknowledged within a short
     wait is reported, then Stopped is raised. `crash_after` (for tests) kills this process, as a
     crash would, once that many records were handed over and the chunks before each stream's last
-    one settled."""
+    one settled. `sealer` seals the events that hold personal values; without one, such an event
+    stops the run (ValueError) before anything of its chunk is sent."""
     handed = 0
     send = producer.send
     topic = topics.EVENTS.name
@@ -112,7 +135,8 @@ def send_streams(producer: KafkaProducer, streams: list[Stream], stopped: Callab
                 if crash_after is not None:
                     chunk = chunk[:crash_after - handed]
                 stream.in_flight.append((begin + len(chunk), [
-                    send(topic, key=e.key, value=e.value, partition=stream.partition) for e in chunk]))
+                    send(topic, key=e.key, value=value, partition=stream.partition)
+                    for e, value in zip(chunk, _values(chunk, sealer))]))
                 positions[stream.partition] = begin + len(chunk)
                 handed += len(chunk)
                 while len(stream.in_flight) > 1:
@@ -127,6 +151,21 @@ def send_streams(producer: KafkaProducer, streams: list[Stream], stopped: Callab
         _settle_arrived(producer, streams)
         raise Stopped() from None
     return handed
+
+
+def _values(chunk: Sequence[Planned], sealer: Sealer | None) -> list[bytes]:
+    """The chunk's values as they go to Kafka: those with personal values sealed, with one key store
+    call for the chunk; the others as planned (most of an import: no parsing, no copy)."""
+    personal = [index for index, event in enumerate(chunk) if event.personal]
+    values = [event.value for event in chunk]
+    if not personal:
+        return values
+    if sealer is None:
+        raise ValueError("events with personal values are sent only sealed: give a sealer")
+    sealed = sealer.seal([orjson.loads(chunk[index].value) for index in personal])
+    for index, event in zip(personal, sealed):
+        values[index] = orjson.dumps(event)
+    return values
 
 
 def _settle(chunk: tuple[int, list], on_acknowledged: Callable[[int], None]) -> None:

@@ -1,8 +1,9 @@
 """The ingestion API (FastAPI): POS terminals, apps and back offices send events over HTTP; each is
-checked (hygiene.py), de-duplicated by event_id (seen.py), and written to `crm.events` keyed by
+checked (hygiene.py), de-duplicated by event_id (seen.py), sealed (sealing.py: personal fields under
+the customer's data key, one key store call per request) and written to `crm.events` keyed by
 customer. A request is answered only after Kafka acknowledged every accepted event (acks=all,
 idempotent producer); every refused event is written to the dead-letter topic with the reason, the
-key that sent it and its original body. The OpenAPI description is served at /openapi.json, Prometheus
+key that sent it and its body, personal values redacted (`_dead_letter`). The OpenAPI description is served at /openapi.json, Prometheus
 metrics at /metrics (services/ingest/metrics.py, docs/operations.md)."""
 
 from __future__ import annotations
@@ -21,17 +22,22 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
+from kafka.errors import KafkaError as KeyStoreKafkaError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from privacy.fields import redact
 from schemas.codec import fingerprint, to_json_dict
 from services.ingest import metrics
 from services.ingest.hygiene import Checked, FieldError, Refused, check
 from services.ingest.keys import ApiKey, ApiKeyStore
+from services.ingest.problems import ErrorBody, Problem
 from services.ingest.ratelimit import RateLimiter
+from services.ingest.sealing import Sealer
 from services.ingest.seen import SeenEvents
+from services.privacy.api import router as privacy_router
 from streams import topics
 from streams.config import Settings
 
@@ -67,12 +73,6 @@ class BatchResult(BaseModel):
     results: list[ItemResult]
 
 
-class ErrorBody(BaseModel):
-    request_id: str
-    error: str
-    detail: str
-
-
 EVENT_BODY = {"type": "object", "description": "one event of the catalog (docs/events.md; JSON Schemas in "
                                                "schemas/jsonschema/)", "additionalProperties": True}
 BATCH_BODY = {"type": "object", "required": ["events"], "additionalProperties": False, "properties": {
@@ -90,11 +90,6 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-class Problem(Exception):
-    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None):
-        self.status, self.error, self.detail, self.headers = status, error, detail, headers or {}
-
-
 @dataclass
 class Edge:
     """Everything a request needs, created once per process."""
@@ -103,6 +98,8 @@ class Edge:
     seen: SeenEvents
     limiter: RateLimiter
     producer: AIOKafkaProducer | None = None
+    # The key store (crm.customer-keys) and the identity secret, opened at start, closed at shutdown.
+    sealer: Sealer | None = None
     # Event ids being written by a request right now, with their fingerprint and whether the write
     # succeeded: a concurrent request with the same id waits for that answer instead of writing again.
     in_flight: dict[str, tuple[str, asyncio.Future[bool]]] = field(default_factory=dict)
@@ -116,11 +113,15 @@ def create_app(settings: Settings) -> FastAPI:
         edge.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
                                          enable_idempotence=True, linger_ms=5, request_timeout_ms=30_000)
         await edge.producer.start()
+        # The key store reads crm.customer-keys to its end (blocking kafka-python): in a thread.
+        edge.sealer = await asyncio.get_running_loop().run_in_executor(None, Sealer.open, settings)
+        app.state.keystore = edge.sealer.store
         edge.seen.forget_old()
         try:
             yield
         finally:
             await edge.producer.stop()
+            edge.sealer.close()
             edge.keys.close()
             edge.seen.close()
 
@@ -128,6 +129,9 @@ def create_app(settings: Settings) -> FastAPI:
                   description="Send customer events. Authenticate with `Authorization: Bearer <API key>` "
                               "(created with `crm keys create`). Limits and rules: docs/ingestion.md.")
     app.state.edge = edge
+    # Support read, export and erasure requests by keys with a role, audited (docs/privacy.md); they use
+    # the edge's keys and producer and the key store on app.state.
+    app.include_router(privacy_router)
 
     @app.middleware("http")
     async def request_ids_and_logs(request: Request, call_next: Any) -> Response:
@@ -185,8 +189,8 @@ def create_app(settings: Settings) -> FastAPI:
               responses={**ERRORS, 422: {"model": BatchResult, "description": "the event was rejected"}},
               openapi_extra=_body(EVENT_BODY))
     async def send_one(request: Request) -> JSONResponse:
-        body, key, raw = await _read(request, edge)
-        result = await _ingest(request, edge, key, [body], originals=[raw])
+        body, key, _ = await _read(request, edge)
+        result = await _ingest(request, edge, key, [body])
         status = 422 if result.rejected else 200
         return JSONResponse(result.model_dump(), status_code=status)
 
@@ -223,10 +227,9 @@ async def _read(request: Request, edge: Edge) -> tuple[Any, ApiKey, bytes]:
     return body, key, raw
 
 
-async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any],
-                  originals: list[bytes] | None = None) -> BatchResult:
-    """`originals`: the items' bytes as sent, when the request body is one item (a batch's items are
-    dead-lettered as JSON re-encoded from the parsed batch)."""
+async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any]) -> BatchResult:
+    """Refused items are dead-lettered as JSON re-encoded from the parsed body, personal values
+    redacted (`_kept`)."""
     request_id = request.state.request_id
     wait = edge.limiter.take(key.key_id, max(len(items), 1), key.rate_per_second, key.burst)
     if wait:
@@ -237,7 +240,7 @@ async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any],
     refused: list[tuple[int, Refused]] = []
     checked: dict[int, Checked] = {}
     for index, item in enumerate(items):
-        outcome = check(item, key, received_at, edge.settings.phone_region)
+        outcome = check(item, key, received_at, edge.settings.phone_region, edge.sealer.identity_secret)  # type: ignore[union-attr]
         if isinstance(outcome, Refused):
             refused.append((index, outcome))
         else:
@@ -266,12 +269,17 @@ async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any],
     try:
         try:
             if to_write:
+                # Personal fields sealed under each customer's data key: one key store call for the
+                # request, in a thread (it may write new keys and wait for Kafka's acknowledgement).
+                sealed = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                    None, edge.sealer.seal, [to_json_dict(c.event) for c in to_write.values()]),  # type: ignore[union-attr]
+                    timeout=KAFKA_TIMEOUT_SECONDS)
                 with metrics.KAFKA_SEND_SECONDS.labels(topics.EVENTS.name).time():
                     sends = [await edge.producer.send(topics.EVENTS.name, key=c.event.customer_key.encode(),  # type: ignore[union-attr]
-                                                      value=orjson.dumps(to_json_dict(c.event)))
-                             for c in to_write.values()]
+                                                      value=orjson.dumps(value))
+                             for c, value in zip(to_write.values(), sealed)]
                     await asyncio.wait_for(asyncio.gather(*sends), timeout=KAFKA_TIMEOUT_SECONDS)
-        except (KafkaError, asyncio.TimeoutError) as exc:
+        except (KafkaError, KeyStoreKafkaError, asyncio.TimeoutError) as exc:  # the key store's client is kafka-python
             raise Problem(503, "kafka_unavailable", f"Kafka did not acknowledge: {exc!r}", {"Retry-After": "5"}) from exc
         edge.seen.remember([(str(c.event.event_id), prints[index]) for index, c in to_write.items()])
         written = True
@@ -295,9 +303,8 @@ async def _ingest(request: Request, edge: Edge, key: ApiKey, items: list[Any],
         event_id = item.get("event_id") if isinstance(item, dict) and isinstance(item.get("event_id"), str) else None
         results[index] = ItemResult(index=index, event_id=event_id, status="rejected", reason=refusal.reason,
                                     errors=[ErrorDetail(**e.to_dict()) for e in refusal.errors])
-    await asyncio.gather(*(_dead_letter(edge, key, request_id, index,
-                                        originals[index] if originals else _encoded(items[index]),
-                                        refusal.reason, refusal.detail) for index, refusal in refused))
+    await asyncio.gather(*(_dead_letter(edge, key, request_id, index, _kept(items[index]), refusal.reason,
+                                        refusal.detail) for index, refusal in refused))
     final = [r for r in results if r is not None]
     counts = {status: sum(r.status == status for r in final) for status in ("accepted", "duplicate", "rejected")}
     request.state.counts = counts
@@ -316,6 +323,14 @@ def _repeat(index: int, c: Checked, same: bool, refused: list[tuple[int, Refused
     return None
 
 
+def _kept(item: Any) -> bytes:
+    """What a dead letter keeps of a refused item: the item re-encoded as JSON with every plain
+    personal value (name, e-mail, phone, birthday, address, `identifiers.email` / `.phone`) replaced by
+    "[redacted]". The dead-letter topic is kept forever and cannot be erased per customer, so it must
+    hold no personal data; the rest of the item still shows what was wrong (docs/ingestion.md)."""
+    return _encoded(redact(item))
+
+
 def _encoded(item: Any) -> bytes:
     try:
         return orjson.dumps(item)
@@ -325,7 +340,7 @@ def _encoded(item: Any) -> bytes:
 
 async def _dead_letter(edge: Edge, key: ApiKey, request_id: str, index: int, original: bytes, reason: str,
                        detail: str) -> None:
-    """The refused item, byte for byte, with why and who sent it. Its position in the dead-letter
+    """The refused item (as `_kept` keeps it; a body that is not JSON, as sent), with why and who sent it. Its position in the dead-letter
     table is derived from the request id and the item's index, so a retried request's letters
     replace each other rather than pile up."""
     metrics.REFUSED.labels(reason).inc()

@@ -20,6 +20,8 @@ class SeenEvents:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Forgotten entries are overwritten with zeros, not left in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("CREATE TABLE IF NOT EXISTS seen_events (event_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, "
                          "written_at REAL NOT NULL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS seen_events_written ON seen_events (written_at)")

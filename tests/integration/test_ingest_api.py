@@ -4,6 +4,7 @@ reaches `crm.events` and the dead-letter topic."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -12,8 +13,9 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from privacy.secrets import identity_secret
 from streams import topics
-from tests.factories import event
+from tests.factories import submitted as event  # the API takes what producers submit: personal values plain
 
 pytestmark = pytest.mark.integration
 
@@ -146,8 +148,54 @@ def test_normalisation_of_currency_email_and_phone(stack, api):
     written = on_topic(stack, topics.EVENTS.name, {purchase["event_id"], registered["event_id"]})
     assert written[purchase["event_id"]][0][1]["payload"]["currency"] == "EUR"
     identifiers = written[registered["event_id"]][0][1]["identifiers"]
-    assert identifiers["email_hash"] == hashlib.sha256(b"ada.lovelace@example.com").hexdigest()
-    assert identifiers["phone_hash"] == hashlib.sha256(b"+49301234567").hexdigest()
+    secret = identity_secret(stack.settings.state_dir)
+    assert identifiers["email_hash"] == hmac.new(secret, b"ada.lovelace@example.com", hashlib.sha256).hexdigest()
+    assert identifiers["phone_hash"] == hmac.new(secret, b"+49301234567", hashlib.sha256).hexdigest()
+    assert identifiers["email_hash"] != hashlib.sha256(b"ada.lovelace@example.com").hexdigest()
+
+
+def test_personal_values_reach_the_log_only_sealed_and_dead_letters_only_redacted(stack, api):
+    from privacy.fields import unseal_event
+    from privacy.keystore import KeyStore
+    from privacy.secrets import master_keyring
+    from schemas.codec import decode_event
+    from schemas.envelope import Envelope
+
+    key = api.key("backoffice")
+    registered = event("customer_registered", customer_id="ing-sealed", occurred_at=now(),
+                       payload={"name": "Grace Hopper", "email": "Grace.Hopper@Example.org", "phone": "030 7654321",
+                                "birthday": "1906-12-09", "address": {"line1": "Navy Yard 1", "city": "Arlington"}})
+    only_email = event("purchase_completed", occurred_at=now())
+    only_email.pop("customer_id")
+    only_email["identifiers"] = {"email": "grace.hopper@example.org"}
+    refused = event("customer_registered", customer_id="ing-sealed", occurred_at=now(hours=2),
+                    payload={"name": "Grace Hopper", "email": "grace.hopper@example.org"})
+    response = post(api, "/v1/events/batch", {"events": [registered, only_email, refused]}, key,
+                    **{"X-Request-ID": "req-sealed"})
+    assert [r["status"] for r in response.json()["results"]] == ["accepted", "accepted", "rejected"]
+
+    written = on_topic(stack, topics.EVENTS.name, {registered["event_id"], only_email["event_id"]})
+    plain = [b"Grace", b"Hopper", b"example.org", b"Example.org", b"+49307654321", b"1906-12-09", b"Navy Yard",
+             b"Arlington"]
+    for [(record, body)] in written.values():
+        assert not any(value in record.value for value in plain), record.value
+        assert isinstance(decode_event(record.value), Envelope)  # the worker takes it
+    sealed = written[registered["event_id"]][0][1]
+    assert all(sealed["payload"][name].startswith("pii1.") for name in ("name", "email", "phone", "birthday", "address"))
+    assert sealed["payload"]["birth_month"] == 12
+    secret = identity_secret(stack.settings.state_dir)
+    email_hash = hmac.new(secret, b"grace.hopper@example.org", hashlib.sha256).hexdigest()
+    assert written[only_email["event_id"]][0][0].key == f"email_hash:{email_hash}".encode()
+    assert written[only_email["event_id"]][0][1]["identifiers"] == {"email_hash": email_hash}
+    # The tokens open with the customer's data key from the key store, and give the normalised values.
+    with KeyStore(stack.settings.kafka_bootstrap, master_keyring(stack.settings.state_dir)) as keys:
+        opened = unseal_event(sealed, keys.data_key)
+    assert opened["payload"]["email"] == "grace.hopper@example.org" and opened["payload"]["phone"] == "+49307654321"
+    assert opened["payload"]["name"] == "Grace Hopper" and opened["payload"]["birthday"] == "1906-12-09"
+    # The refused one's dead letter keeps its shape, not its personal values.
+    [(letter, kept)] = on_topic(stack, topics.DEAD_LETTERS.name, {"req-sealed"})["req-sealed"]
+    assert kept["payload"] == {"name": "[redacted]", "email": "[redacted]"}
+    assert kept["event_id"] == refused["event_id"] and not any(value in letter.value for value in plain)
 
 
 def test_limits_malformed_bodies_health_and_openapi(stack, api):
@@ -183,5 +231,19 @@ def test_dead_letters_are_listed_shown_and_sent_again_after_a_fix(stack, api, tm
     fixed = tmp_path / "fixed.json"
     fixed.write_bytes(orjson.dumps({**broken, "payload": {**broken["payload"], "currency": "EUR"}}))
     sent = dlq.resubmit(stack.settings, letter, fixed)
-    assert str(sent.event_id) == broken["event_id"]
+    assert str(sent.event_id) == broken["event_id"] and sent.topic == topics.EVENTS.name
     assert len(on_topic(stack, topics.EVENTS.name, {broken["event_id"]})[broken["event_id"]]) == 1
+
+    # A refused registration keeps its personal values only redacted; corrected by hand, it goes to
+    # the intake topic, whose agent seals it.
+    registration = event("customer_registered", customer_id="ing-8", occurred_at=now())
+    registration["payload"] = {"email": "ing8@example.org", "locale": 12}
+    post(api, "/v1/events", registration, key, **{"X-Request-ID": "req-fix-me-too"})
+    letter = next(x for x in dlq.read(stack.settings, reason="schema_invalid")
+                  if x.headers.get("crm.dlq.api.request_id") == "req-fix-me-too")
+    assert b"ing8@example.org" not in letter.value
+    assert getattr(dlq.resubmit(stack.settings, letter), "reason", None) == "redacted"
+    fixed.write_bytes(orjson.dumps({**registration, "payload": {"email": "ing8@example.org", "locale": "de"}}))
+    sent = dlq.resubmit(stack.settings, letter, fixed)
+    assert sent.topic == topics.INTAKE.name and sent.customer_key == "ing-8"
+    assert len(on_topic(stack, topics.INTAKE.name, {registration["event_id"]})[registration["event_id"]]) == 1

@@ -7,6 +7,8 @@ import pytest
 from services.importer.mapping import MappingError, load
 from services.importer.plan import plan
 
+SECRET = b"test-identity-secret"  # the identity secret e-mails and phones are hashed under
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "import" / "mapping.toml"
 HEAD = '[import]\nid = "t"\nas_of = 2025-01-01T00:00:00Z\ncurrency = "EUR"\n'
 ORDERS = """
@@ -103,4 +105,4 @@ def test_a_glob_reads_every_matching_file_in_name_order(tmp_path):
 def test_a_column_the_file_lacks_stops_the_import_before_anything_is_built(tmp_path):
     path = mapping(tmp_path, HEAD + ORDERS, {"orders.csv": "order,customer,at,sku,category,price\n"})
     with pytest.raises(MappingError, match="no column 'qty'"):
-        plan(load(path), "DE")
+        plan(load(path), "DE", SECRET)

@@ -16,7 +16,16 @@ from services.importer.plan import Plan, build as build_part, merge, plan
 from services.importer.report import originals, write_rejects
 from services.importer.sample import write_export
 from services.ingest.hygiene import identity_hash
+from services.ingest.sealing import Sealer, offline_keys
 from tests.unit.test_import_mapping import EXAMPLE, HEAD, ORDERS
+
+SECRET = b"test-identity-secret"  # the identity secret e-mails and phones are hashed under
+SEALER = Sealer(offline_keys(b"test-data-keys"), SECRET)
+
+
+def sealed(value: bytes) -> bytes:
+    """A planned event as send.py hands it to Kafka: personal fields sealed."""
+    return orjson.dumps(SEALER.seal([orjson.loads(value)])[0])
 
 HEADER = "order,customer,at,sku,category,qty,price\n"
 
@@ -25,7 +34,7 @@ def planned(tmp_path: Path, mapping_text: str, files: dict[str, str]) -> Plan:
     for name, content in files.items():
         (tmp_path / name).write_text(content, encoding="utf-8")
     (tmp_path / "mapping.toml").write_text(mapping_text)
-    return plan(load(tmp_path / "mapping.toml"), "DE")
+    return plan(load(tmp_path / "mapping.toml"), "DE", SECRET)
 
 
 def events(result: Plan) -> list[dict]:
@@ -66,7 +75,7 @@ def test_lines_that_disagree_about_their_order_reject_it(tmp_path):
 @pytest.mark.parametrize("years", [(2015, 2024), (2024, 2024)])
 def test_every_row_is_part_of_an_event_or_rejected_exactly_once(tmp_path, years):
     export = write_export(tmp_path, customers=30, years=years)
-    result = plan(load(export.mapping), "DE")
+    result = plan(load(export.mapping), "DE", SECRET)
     assert Counter(reject.reason for reject in result.rejects) == export.expected.rejected
     assert len(result.events) == export.expected.events
     assert sum(tally.rows for tally in result.files) == export.rows
@@ -74,20 +83,20 @@ def test_every_row_is_part_of_an_event_or_rejected_exactly_once(tmp_path, years)
 
 
 def test_each_customers_events_are_in_time_order_with_the_registration_first(tmp_path):
-    result = plan(load(write_export(tmp_path, customers=30).mapping), "DE")
+    result = plan(load(write_export(tmp_path, customers=30).mapping), "DE", SECRET)
     by_customer: dict[bytes, list[tuple[str, str]]] = {}
     for event in result.events:
         body = orjson.loads(event.value)
-        by_customer.setdefault(event.key, []).append((decode_event(event.value).occurred_at, body["type"]))
+        by_customer.setdefault(event.key, []).append((decode_event(sealed(event.value)).occurred_at, body["type"]))
     for stream in by_customer.values():
         assert stream == sorted(stream, key=lambda item: item[0])
         assert stream[0][1] == "customer_registered"
 
 
 def test_every_event_is_what_the_worker_accepts_keyed_by_its_customer(tmp_path):
-    result = plan(load(write_export(tmp_path, customers=30).mapping), "DE")
+    result = plan(load(write_export(tmp_path, customers=30).mapping), "DE", SECRET)
     for event in result.events:
-        decoded = decode_event(event.value)
+        decoded = decode_event(sealed(event.value))
         assert isinstance(decoded, Envelope), decoded
         assert event.key == decoded.customer_key.encode()
         assert decoded.received_at is None
@@ -96,7 +105,7 @@ def test_every_event_is_what_the_worker_accepts_keyed_by_its_customer(tmp_path):
 
 def test_the_same_files_give_the_same_stream_byte_for_byte(tmp_path):
     mapping = load(write_export(tmp_path, customers=30).mapping)
-    first, second = plan(mapping, "DE"), plan(mapping, "DE")
+    first, second = plan(mapping, "DE", SECRET), plan(mapping, "DE", SECRET)
     assert [(e.key, e.value) for e in first.events] == [(e.key, e.value) for e in second.events]
     assert first.digest == second.digest
 
@@ -105,13 +114,13 @@ def test_the_same_files_give_the_same_stream_byte_for_byte(tmp_path):
 def test_one_export_gives_the_same_stream_from_csv_json_lines_and_parquet(tmp_path, file_format):
     csv_export = write_export(tmp_path / "csv", customers=30, file_format="csv")
     other = write_export(tmp_path / file_format, customers=30, file_format=file_format)
-    assert plan(load(other.mapping), "DE").digest == plan(load(csv_export.mapping), "DE").digest
+    assert plan(load(other.mapping), "DE", SECRET).digest == plan(load(csv_export.mapping), "DE", SECRET).digest
 
 
 def test_builders_of_disjoint_partitions_together_make_what_one_builder_makes(tmp_path):
     mapping = load(write_export(tmp_path, customers=40).mapping)
-    whole = plan(mapping, "DE")
-    parts = merge(mapping, [build_part(mapping, "DE", 6, owned) for owned in ((0, 3), (1, 4, 5), (2,))])
+    whole = plan(mapping, "DE", SECRET)
+    parts = merge(mapping, [build_part(mapping, "DE", 6, owned, SECRET) for owned in ((0, 3), (1, 4, 5), (2,))])
     assert parts.digest == whole.digest
     assert [(r.source.name, r.line, r.reason) for r in parts.rejects] == \
         [(r.source.name, r.line, r.reason) for r in whole.rejects]
@@ -131,7 +140,7 @@ def test_every_stream_holds_only_customers_kafka_puts_in_its_partition(tmp_path)
         def available_partitions_for_topic(self, topic):
             return set(range(6))
 
-    streams = plan(load(write_export(tmp_path, customers=40).mapping), "DE").streams
+    streams = plan(load(write_export(tmp_path, customers=40).mapping), "DE", SECRET).streams
     producer_choice = DefaultPartitioner()
     for partition, stream in streams.items():
         for event in stream:
@@ -183,8 +192,8 @@ def test_customers_get_their_email_and_phone_normalised_and_hashed_as_the_api_do
     assert registered["payload"]["email"] == "ada@example.com"
     assert registered["payload"]["phone"] == "+4915123456789"
     assert registered["payload"]["name"] == "Ada Lovelace"
-    assert registered["identifiers"] == {"email_hash": identity_hash("ada@example.com"),
-                                         "phone_hash": identity_hash("+4915123456789")}
+    assert registered["identifiers"] == {"email_hash": identity_hash(SECRET, "ada@example.com"),
+                                         "phone_hash": identity_hash(SECRET, "+4915123456789")}
     assert consent["type"] == "consent_changed" and consent["payload"] == {"channel": "sms", "granted": True}
     assert reasons(result) == {3: "invalid_email"}
 
@@ -236,7 +245,7 @@ def test_the_reject_report_keeps_each_row_as_it_was_in_the_file(tmp_path):
 
 
 def test_the_documented_example_gives_what_the_docs_show(tmp_path):
-    result = plan(load(EXAMPLE), "DE")
+    result = plan(load(EXAMPLE), "DE", SECRET)
     assert (len(result.events), result.customers, len(result.rejects)) == (13, 3, 8)
     assert Counter(r.reason for r in result.rejects) == {
         "invalid_email": 1, "unparseable_date": 1, "order_rejected": 1, "negative_quantity": 1,
@@ -270,4 +279,4 @@ def test_the_documented_orders_in_json_lines_and_parquet_give_the_same_stream(tm
     text = EXAMPLE.read_text()
     start, end = text.index("[orders]"), text.index("[refunds]")
     (tmp_path / "other.toml").write_text(text[:start] + ORDERS_AS.format(ext=ext) + text[end + len("[refunds]"):])
-    assert plan(load(tmp_path / "other.toml"), "DE").digest == plan(load(EXAMPLE), "DE").digest
+    assert plan(load(tmp_path / "other.toml"), "DE", SECRET).digest == plan(load(EXAMPLE), "DE", SECRET).digest

@@ -1,10 +1,12 @@
 """Sending an import: order, progress, resumption, dead letters (services/importer/send.py, run.py,
 progress.py), against a stand-in for kafka-python's producer."""
 
+import base64
 from collections import defaultdict
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import orjson
 import pytest
 from kafka.errors import KafkaTimeoutError
 from rich.console import Console
@@ -16,7 +18,23 @@ from services.importer.plan import plan, stream_digest
 from services.importer.progress import ImportBusy, ImportFolder, StreamProgress
 from services.importer.run import Options, command, run
 from services.importer.sample import write_export
+from services.ingest.sealing import Sealer, offline_keys
 from streams.config import Settings
+
+SECRET = b"test-identity-secret"  # the identity secret e-mails and phones are hashed under
+SEALER = Sealer(offline_keys(b"test-data-keys"), SECRET)
+
+
+@pytest.fixture(autouse=True)
+def secrets_without_kafka(monkeypatch):
+    """The import hashes under SECRET and seals with keys derived offline (no key store)."""
+    monkeypatch.setenv("CRM_IDENTITY_SECRET", base64.b64encode(SECRET).decode())
+    monkeypatch.setattr(Sealer, "open", classmethod(lambda cls, settings, follow=True: SEALER))
+
+
+def on_the_wire(event) -> bytes:
+    """A planned event as it goes to Kafka: personal fields sealed."""
+    return orjson.dumps(SEALER.seal([orjson.loads(event.value)])[0]) if event.personal else event.value
 
 PARTITIONS = 6
 
@@ -88,7 +106,7 @@ def export(tmp_path):
 
 @pytest.fixture
 def streams(export):
-    return plan(load(export.mapping), "DE").streams
+    return plan(load(export.mapping), "DE", SECRET).streams
 
 
 @pytest.fixture
@@ -109,7 +127,7 @@ def importing(monkeypatch, settings, export, producer: Producer, **options):
 
 def values(streams, start: dict[int, int] | None = None) -> dict[int, list[bytes]]:
     start = start or {}
-    return {p: [e.value for e in stream[start.get(p, 0):]] for p, stream in streams.items()
+    return {p: [on_the_wire(e) for e in stream[start.get(p, 0):]] for p, stream in streams.items()
             if stream[start.get(p, 0):]}
 
 
@@ -170,7 +188,7 @@ def acknowledged(settings, streams) -> dict[int, int]:
 
 
 def test_progress_never_counts_a_record_kafka_did_not_acknowledge(monkeypatch, settings, long_export):
-    streams = plan(load(long_export.mapping), "DE").streams
+    streams = plan(load(long_export.mapping), "DE", SECRET).streams
     failing = Producer(fail_at=700)
     with pytest.raises(KafkaTimeoutError):
         importing(monkeypatch, settings, long_export, failing)
@@ -185,7 +203,7 @@ def test_progress_never_counts_a_record_kafka_did_not_acknowledge(monkeypatch, s
 
 
 def test_ctrl_c_keeps_what_was_acknowledged_and_the_next_run_sends_the_rest(monkeypatch, settings, long_export):
-    streams = plan(load(long_export.mapping), "DE").streams
+    streams = plan(load(long_export.mapping), "DE", SECRET).streams
     outcome = importing(monkeypatch, settings, long_export, Producer(interrupt_at=900))
     done = acknowledged(settings, streams)
     assert outcome.status == "interrupted" and outcome.acknowledged == sum(done.values()) < 900
@@ -251,3 +269,26 @@ def test_the_command_says_what_happened_and_where_the_rejects_are(monkeypatch, s
     out = capsys.readouterr().out
     assert "orders.csv" in out and "rows rejected" in out
     assert "crm dlq list --reason import_row_invalid" in out and "sent " in out
+
+
+def test_personal_values_reach_kafka_only_sealed_and_dead_letters_keep_no_customer_row(monkeypatch, settings,
+                                                                                        export):
+    from schemas.codec import decode_event
+    from schemas.envelope import Envelope
+
+    producer = Producer()
+    importing(monkeypatch, settings, export, producer)
+    registrations = [r for r in producer.events if b'"customer_registered"' in r.value]
+    assert registrations
+    for record in producer.events:
+        assert isinstance(decode_event(record.value), Envelope)  # the worker would take it: nothing in clear
+    for record in registrations:
+        payload = orjson.loads(record.value)["payload"]
+        assert payload["email"].startswith("pii1.") and "@" not in record.value.decode()
+        assert 1 <= payload.get("birth_month", 1) <= 12
+    letters = [r for r in producer.sent if r.topic == "crm.events.deadletter"]
+    from_customers = [r for r in letters if dict(r.headers)["crm.dlq.source.topic"].startswith(b"import:sample:customers:")]
+    assert from_customers, "the sample export has a customer row that is rejected"
+    for record in from_customers:
+        assert b"@" not in record.value and orjson.loads(record.value)["row"] == "[redacted]"
+        assert b"@" not in dict(record.headers)["crm.dlq.detail"]

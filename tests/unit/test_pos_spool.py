@@ -361,3 +361,22 @@ def test_the_command_line(tmp_path, fake_api, capsys):
     assert main(["spool", "rejected", "--path", str(path), "--format", "csv"]) == 0
     assert "schema_invalid" in capsys.readouterr().out
     assert main(["spool", "status", "--path", str(tmp_path / "missing.db")]) == 1
+
+
+def test_a_delivered_event_leaves_no_trace_of_its_personal_values_in_the_spool_file(tmp_path, fake_api, clock):
+    from tests.factories import submitted
+
+    path = tmp_path / "spool.db"
+    marker = "erase-me-after-delivery@example.org"
+    registration = submitted("customer_registered", payload={"name": "Ann Erasable", "email": marker})
+    with open_spool(path, fake_api, clock) as spool:
+        spool.enqueue(registration)
+        assert spool.status().waiting == 1
+        assert spool._db.execute("PRAGMA secure_delete").fetchone() == (1,)
+        spool._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert marker.encode() in path.read_bytes()  # waiting: in clear (the terminal has no data key)
+        result = spool.send_pending()
+        assert result.accepted == 1 and spool.status().waiting == 0
+        spool._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    files = [path, *tmp_path.glob("spool.db-*")]
+    assert not any(marker.encode() in file.read_bytes() for file in files)

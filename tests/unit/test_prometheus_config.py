@@ -39,12 +39,16 @@ def rules() -> list[dict]:
 
 
 def test_the_scrape_config_targets_each_process_on_its_default_port(monkeypatch):
-    for name in ("CRM_WORKER_METRICS_PORT", "CRM_WRITER_METRICS_PORT", "CRM_API_PORT", "CRM_ALERTS_PORT"):
+    from services.intake.run import metrics_port as intake_metrics_port
+
+    for name in ("CRM_WORKER_METRICS_PORT", "CRM_WRITER_METRICS_PORT", "CRM_API_PORT", "CRM_ALERTS_PORT",
+                 "CRM_INTAKE_METRICS_PORT"):
         monkeypatch.delenv(name, raising=False)
     defaults = Settings()
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in load("prometheus.yml")["scrape_configs"]}
     assert targets == {"crm-worker": [f"127.0.0.1:{defaults.worker_metrics_port}"],
                        "crm-writer": [f"127.0.0.1:{defaults.writer_metrics_port}"],
+                       "crm-intake": [f"127.0.0.1:{intake_metrics_port()}"],
                        "crm-api": [f"127.0.0.1:{defaults.api_port}"],
                        "crm-alerts": [f"127.0.0.1:{defaults.alerts_port}"]}
     assert load("prometheus.yml")["rule_files"] == ["alerts.yml"]
@@ -69,7 +73,7 @@ def test_the_platforms_metrics_follow_the_naming_conventions():
             continue
         if family.type == "counter":
             assert not family.name.endswith("_total")  # the client adds it to the samples
-        assert re.fullmatch(r"crm_(worker|writer|api|alerts)_[a-z0-9_]+", family.name), family.name
+        assert re.fullmatch(r"crm_(worker|writer|api|alerts|intake)_[a-z0-9_]+", family.name), family.name
         if family.type == "histogram":
             assert family.name.endswith(("_seconds", "_records")), family.name
 

@@ -7,27 +7,28 @@ import pytest
 
 from schemas import decode_event
 from schemas.codec import DecodeError
-from services.simulator import Simulator, Workload
+from services.simulator import Simulator, Workload, offline_sealer
 from streams.churn import bgnbd
 
 END = datetime(2026, 12, 5, 18, 49, 14, 123456, tzinfo=UTC)
+SEALER = offline_sealer()  # no key store: keys derived offline
 
 
 def test_the_workload_is_deterministic_for_a_seed():
-    first = [m.value for m in Simulator(Workload(customers=40, days=30, seed=3)).messages()]
-    again = [m.value for m in Simulator(Workload(customers=40, days=30, seed=3)).messages()]
+    first = [m.value for m in Simulator(Workload(customers=40, days=30, seed=3), SEALER).messages()]
+    again = [m.value for m in Simulator(Workload(customers=40, days=30, seed=3), SEALER).messages()]
     assert first == again
 
 
 def test_the_workload_is_deterministic_for_a_seed_and_an_end():
-    first = [m.value for m in Simulator(Workload.ending(END, days=30, customers=40, seed=3)).messages(6)]
-    again = [m.value for m in Simulator(Workload.ending(END, days=30, customers=40, seed=3)).messages(6)]
-    later = [m.value for m in Simulator(Workload.ending(END + timedelta(hours=1), days=30, customers=40, seed=3)).messages(6)]
+    first = [m.value for m in Simulator(Workload.ending(END, days=30, customers=40, seed=3), SEALER).messages(6)]
+    again = [m.value for m in Simulator(Workload.ending(END, days=30, customers=40, seed=3), SEALER).messages(6)]
+    later = [m.value for m in Simulator(Workload.ending(END + timedelta(hours=1), days=30, customers=40, seed=3), SEALER).messages(6)]
     assert first == again != later
 
 
 def test_valid_messages_decode_and_bad_ones_do_not():
-    messages = list(Simulator(Workload(customers=120, days=60, seed=5, bad_input_rate=0.05)).messages())
+    messages = list(Simulator(Workload(customers=120, days=60, seed=5, bad_input_rate=0.05), SEALER).messages())
     kinds = Counter(m.kind for m in messages)
     assert kinds["valid"] > 1000 and kinds["duplicate"] > 0 and kinds["malformed"] > 0
     for message in messages:
@@ -43,7 +44,7 @@ def test_the_history_ends_at_its_end_and_the_clock_follows_the_events_to_it():
     """No event after the end (a refund due later has not happened yet); a tick at every UTC
     midnight, each sent before the events after it and after those before it, and a last one at the
     end itself: time in the log is the events' time, up to now."""
-    messages = list(Simulator(Workload.ending(END, days=40, customers=150, seed=4)).messages(6))
+    messages = list(Simulator(Workload.ending(END, days=40, customers=150, seed=4), SEALER).messages(6))
     assert all(m.at is not None and m.at <= END for m in messages)
     ticks = sorted({m.at for m in messages if m.kind == "tick"})
     assert ticks[-1] == END and all(t.time() == datetime.min.time() for t in ticks[:-1])
@@ -154,5 +155,23 @@ def test_p_alive_tells_the_customers_who_left_from_those_still_buying(six_months
 
 
 def test_the_records_are_what_producers_send():
-    message = next(m for m in Simulator(Workload(customers=5, days=5, seed=9)).messages() if m.kind == "valid")
+    message = next(m for m in Simulator(Workload(customers=5, days=5, seed=9), SEALER).messages() if m.kind == "valid")
     assert orjson.loads(message.value)["occurred_at"] == message.at.isoformat()
+
+
+def test_the_simulator_seals_personal_values_as_every_edge_does():
+    calls = []
+    sealer = offline_sealer()
+    keys_for = sealer.keys_for
+    sealer.keys_for = lambda customer_keys: calls.append(set(customer_keys)) or keys_for(customer_keys)
+    simulator = Simulator(Workload(customers=30, days=10, seed=2), sealer)
+    messages = [m for m in simulator.messages(6) if m.kind == "valid"]
+    registrations = [orjson.loads(m.value) for m in messages if b'"customer_registered"' in m.value]
+    assert len(registrations) == 30 and len(calls) == 1  # one key store call for the batch
+    assert calls[0] == {r["customer_id"] for r in registrations}
+    for message in messages:
+        assert not isinstance(decode_event(message.value), DecodeError)  # nothing in clear
+    for registration in registrations:
+        assert all(registration["payload"][name].startswith("pii1.") for name in ("name", "email", "birthday"))
+        assert 1 <= registration["payload"]["birth_month"] <= 12
+        assert b"@example.com" not in orjson.dumps(registration)

@@ -7,7 +7,9 @@ from clickhouse_connect.driver.client import Client
 
 from projections import (
     alerts_table,
+    audit_table,
     dead_letters_table,
+    erasures_table,
     events_table,
     points_table,
     profiles_table,
@@ -17,7 +19,8 @@ from projections import (
 
 MIGRATIONS: list[tuple[int, str]] = sorted(
     events_table.MIGRATIONS + profiles_table.MIGRATIONS + dead_letters_table.MIGRATIONS + points_table.MIGRATIONS
-    + segments_table.MIGRATIONS + alerts_table.MIGRATIONS + views.MIGRATIONS
+    + segments_table.MIGRATIONS + alerts_table.MIGRATIONS + erasures_table.MIGRATIONS + audit_table.MIGRATIONS
+    + views.MIGRATIONS
 )
 assert len({version for version, _ in MIGRATIONS}) == len(MIGRATIONS), "migration versions must be unique"
 

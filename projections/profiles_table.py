@@ -89,6 +89,10 @@ ALTER TABLE {db}.customer_profiles
     ADD COLUMN IF NOT EXISTS churn_model_id String DEFAULT '' COMMENT 'the churn_models row the score comes from; empty when none',
     ADD COLUMN IF NOT EXISTS open_alerts Array(LowCardinality(String)) COMMENT 'alert types with an open alert (churn_alerts)'
 """),
+    (18, """
+ALTER TABLE {db}.customer_profiles
+    ADD COLUMN IF NOT EXISTS erased_at Nullable(DateTime64(3, 'UTC')) COMMENT 'when the customer was erased (docs/privacy.md): personal traces wiped; NULL otherwise'
+"""),
 ]
 
 
@@ -131,6 +135,8 @@ _READERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "churn_expected_90d": lambda r: r.get("churn_expected_90d"),
     "churn_model_id": lambda r: r.get("churn_model_id") or "",
     "open_alerts": lambda r: list(r.get("open_alerts") or []),
+    # Erasure (migration 18): snapshots written before it load as not erased.
+    "erased_at": lambda r: _time(r.get("erased_at_ms")),
 }
 COLUMNS = [*_READERS, "source_partition"]
 

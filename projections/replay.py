@@ -3,7 +3,9 @@
 The projections are a function of two logs kept forever: `crm.events` (folded again here with
 the same batch fold the worker runs, `streams.batch.fold_batch`, state in a scratch RocksDB) and
 `crm.events.deadletter` (the `dead_letters` table is its projection, and the ingestion API's dead
-letters are only there). The rows go through the projection writer's own row makers into
+letters are only there). `erasures` is among them: the fold writes its customer_erased records again
+alike. `audit_log` is not: crm.audit is written by the processes that served the requests, not
+derived from these logs, so a rebuild leaves that table as it is. The rows go through the projection writer's own row makers into
 `<table>__rebuild` tables created like the live ones, while the live tables keep serving:
 
 1. build: read both logs from offset 0 to the end offsets taken at the start;
@@ -36,7 +38,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 from projections.clickhouse import INSERT_SETTINGS
-from projections.writer import COLUMNS, SINKS
+from projections.writer import COLUMNS, NOT_FROM_THE_LOG, SINKS
 from streams import topics
 from streams.batch import fold_batch
 from streams.config import Settings, settings
@@ -46,7 +48,9 @@ from streams.state import PartitionState
 from streams.state_rocksdb import RocksDBBackend
 
 REBUILD, REPLACED = "__rebuild", "__replaced"
-TABLES = list(COLUMNS)
+# Every table the writer fills from the worker's outputs and the dead letters. `audit_log` is not among
+# them: crm.audit is no projection of the events log, so a rebuild leaves the table as it is.
+TABLES = [table for table in COLUMNS if table not in NOT_FROM_THE_LOG]
 INSERT_EVERY = 50_000  # rows per table before an insert
 
 
@@ -196,7 +200,9 @@ class Rebuild:
     def _output_rows(self, sent_records: list[TopicRecord | None], rows: dict[str, list[list[Any]]]) -> None:
         for sent in sent_records:
             if sent is None or sent.topic not in SINKS or sent.topic == topics.DEAD_LETTERS.name:
-                continue  # dead letters come from their own log; forwards are in crm.events already
+                # Dead letters come from their own log; forwards are in crm.events already; data key
+                # tombstones are for the key store, which a rebuild leaves alone.
+                continue
             partition = (murmur2(sent.key) & 0x7FFFFFFF) % topics.EVENT_PARTITIONS if sent.key else 0
             self._rows(Record(sent.topic, partition, -1, sent.key, sent.value, sent.headers), rows)
 

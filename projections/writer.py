@@ -25,9 +25,11 @@ from deploy.failpoints import Failpoints
 
 from projections import (
     alerts_table,
+    audit_table,
     boundaries,
     churn_model,
     dead_letters_table,
+    erasures_table,
     events_table,
     points_table,
     profiles_table,
@@ -65,6 +67,8 @@ SINKS: dict[str, RowMaker] = {
     topics.SEGMENT_CHANGES.name: segments_table.rows,
     topics.ALERTS.name: alerts_table.rows,
     topics.CHURN_MODELS.name: alerts_table.model_rows,
+    topics.ERASURES.name: one_table("erasures", erasures_table.rows),
+    topics.AUDIT.name: one_table("audit_log", audit_table.rows),
 }
 COLUMNS: dict[str, list[str]] = {
     "events": events_table.COLUMNS,
@@ -77,7 +81,12 @@ COLUMNS: dict[str, list[str]] = {
     "segment_boundaries": segments_table.BOUNDARIES_COLUMNS,
     "churn_alerts": alerts_table.COLUMNS,
     "churn_models": alerts_table.MODEL_COLUMNS,
+    "erasures": erasures_table.COLUMNS,
+    "audit_log": audit_table.COLUMNS,
 }
+# Tables that are not projections of crm.events and crm.events.deadletter: a rebuild leaves them as
+# they are (projections/replay.py). crm.audit is written by the processes that served the requests.
+NOT_FROM_THE_LOG = frozenset({"audit_log"})
 
 
 class Publication:

@@ -39,6 +39,7 @@ class AlertStatus(StrEnum):
     UPDATED = "updated"
     RESOLVED = "resolved"
     EXPIRED = "expired"
+    ERASED = "erased"    # the customer was erased (docs/privacy.md): every open alert closes with this
 
 
 class Severity(StrEnum):

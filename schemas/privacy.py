@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import AwareDatetime, Field
 
-from schemas.envelope import Model, NonEmpty
+from schemas.envelope import AliasKey, Model, NonEmpty
 
 CUSTOMER_ERASED_TYPE = "customer_erased"
 AUDIT_TYPE = "audit"
@@ -20,7 +20,7 @@ AUDIT_TYPE = "audit"
 
 class CustomerErased(Model):
     type: Literal["customer_erased"] = CUSTOMER_ERASED_TYPE
-    customer_key: NonEmpty
+    customer_key: AliasKey = Field(description="customer id, or alias key for an alias's own state")
     request_event_id: UUID = Field(description="event_id of the customer_erasure_requested event")
     request_id: NonEmpty
     requested_by: NonEmpty

@@ -37,6 +37,13 @@ class CustomerState:
     held_bytes: int = 0
     # Churn: purchase history for the score and indicators, open alerts (streams/churn).
     churn: ChurnState = field(default_factory=ChurnState)
+    # Ids of the data keys the personal values of the events folded here were sealed under (sorted):
+    # what an erasure shreds (streams/erasure.py, docs/privacy.md).
+    data_keys: tuple[str, ...] = ()
+    # Aliases an erasure unlinked whose link lives in another partition's state: events they
+    # still attribute here are refused (dead letter `alias_unlinked`), until the customer's own
+    # events show the alias again (docs/privacy.md).
+    unlinked_aliases: tuple[str, ...] = ()
 
     @classmethod
     def new(cls, customer_key: str) -> CustomerState:
@@ -50,6 +57,10 @@ class CustomerState:
         churn = self.churn.to_dict()
         if churn:
             data["churn"] = churn
+        if self.data_keys:
+            data["data_keys"] = list(self.data_keys)
+        if self.unlinked_aliases:
+            data["unlinked_aliases"] = list(self.unlinked_aliases)
         return data
 
     @classmethod
@@ -59,7 +70,13 @@ class CustomerState:
         held_bytes = data["held_bytes"] if "held_bytes" in data else sum(len(orjson.dumps(e)) for _, e in held)
         return cls(CustomerProfile.from_dict(data["profile"]), Account.from_dict(data["account"]),
                    data["last_offset"], data["due_ms"], data["outbox"], data.get("linked_to"), held, held_bytes,
-                   ChurnState.from_dict(data.get("churn")))
+                   ChurnState.from_dict(data.get("churn")), tuple(data.get("data_keys", ())),
+                   tuple(data.get("unlinked_aliases", ())))
+
+    @property
+    def erased(self) -> bool:
+        """Whether the customer was erased and nothing of theirs has been folded since."""
+        return self.profile.erased_at_ms is not None
 
     def keep_outputs(self, offset: int, outputs: list[dict[str, Any]], committed_offset: int) -> None:
         # Kept even when empty: it marks the record as applied to this customer (see `touched_at`).

@@ -3,6 +3,9 @@ and value, so adding an output kind touches this file and the fold that makes it
 sends these records; the rebuild (projections/replay.py) feeds them to the projection writer's row
 makers without Kafka in between.
 
+An erasure (streams/erasure.py) emits a tombstone per data key of the customer for the keys topic
+(`KeyShredded`) and what it did for the erasures topic (`Erased`).
+
 Snapshots (`SNAPSHOT = True`: a profile, a points balance) carry a customer's whole current value
 under a version; only the last one of a batch per key needs sending (`coalesce`). Everything else is
 a fact (an accepted event, a ledger movement, a segment or alert change, a dead letter) and is sent,
@@ -16,6 +19,7 @@ from typing import Any, ClassVar, Union
 
 import orjson
 
+from privacy.fields import redact
 from schemas.codec import to_json_dict
 from schemas.envelope import Envelope
 from schemas.events import money_amount
@@ -139,16 +143,67 @@ class Forward:
         return TopicRecord(topics.EVENTS.name, self.key.encode(), orjson.dumps(self.record))
 
 
+@dataclass(frozen=True, slots=True)
+class KeyShredded:
+    """A data key erased: a tombstone for it in crm.customer-keys (key: the key id, no value), which
+    every key store applies within a poll and compaction then removes (privacy/keystore.py)."""
+    customer_key: str
+    key_id: str
+    SNAPSHOT: ClassVar[bool] = False
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return {"entry": "key_shredded", "key_id": self.key_id}
+
+    def to_record(self) -> TopicRecord:
+        return TopicRecord(topics.CUSTOMER_KEYS.name, self.key_id.encode(), None)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """What an erasure did (schemas/privacy.py CustomerErased, as JSON), for crm.erasures keyed by customer."""
+    customer_key: str
+    data: dict[str, Any]
+    SNAPSHOT: ClassVar[bool] = False
+
+    def to_record(self) -> TopicRecord:
+        return TopicRecord(topics.ERASURES.name, self.customer_key.encode(), orjson.dumps(self.data))
+
+
 # Kafka refuses a record of more than about a megabyte (the broker's message.max.bytes), and the
 # events topic takes records up to that size: a dead letter carries the head of a larger original,
 # with the original's size in the header crm.dlq.truncated_from (as the ingestion API's do).
 MAX_DEAD_LETTER_BYTES = 900 * 1024
 
 
+REDACTED_HEADER = "crm.dlq.redacted"
+
+
+def redacted_value(value: bytes | None) -> bytes | None:
+    """The bytes a dead letter may keep of a refused record: when they are a JSON object that holds
+    plain personal values (a payload's personal fields, plain e-mail or phone identifiers, also inside
+    an attributed record's `event`), the object with each such value replaced by `[redacted]`
+    (privacy/fields.py redact); otherwise None (keep the original). The original stays in crm.events
+    at the source position the headers name, under the retention of that log."""
+    if not value or value.lstrip()[:1] != b"{":
+        return None
+    try:
+        item = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(item, dict):
+        return None
+    cleaned = redact(item)
+    inner = cleaned.get("event")
+    if isinstance(inner, dict):
+        cleaned["event"] = redact(inner)
+    return None if cleaned == item else orjson.dumps(cleaned)
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A record the worker could not accept: the original bytes (at most MAX_DEAD_LETTER_BYTES of
-    them), the reason and the position."""
+    them) with any plain personal value redacted (header crm.dlq.redacted), the reason and the position."""
     reason: str
     detail: str
     record: SourceRecord
@@ -157,6 +212,11 @@ class DeadLetter:
     def to_record(self) -> TopicRecord:
         value = self.record.value
         headers = self.headers()
+        redacted = redacted_value(value)
+        if redacted is not None:
+            value = redacted
+            headers.append((REDACTED_HEADER, b"plain personal values replaced by [redacted]; the original is at "
+                                             b"the source position"))
         if value is not None and len(value) > MAX_DEAD_LETTER_BYTES:
             headers.append(("crm.dlq.truncated_from", str(len(value)).encode()))
             value = value[:MAX_DEAD_LETTER_BYTES]
@@ -186,9 +246,9 @@ class Duplicate:
 
 
 Output = Union[Accepted, ProfileChanged, LedgerEntry, SegmentChanged, BoundariesApplied, AlertChanged,
-               ChurnModelApplied, Forward, BalanceChanged, DeadLetter, Duplicate]
+               ChurnModelApplied, Forward, BalanceChanged, KeyShredded, Erased, DeadLetter, Duplicate]
 # Outputs that are not snapshots: kept in the customer's outbox until their record is committed.
-OUTBOX = (LedgerEntry, SegmentChanged, AlertChanged, Forward)
+OUTBOX = (LedgerEntry, SegmentChanged, AlertChanged, Forward, KeyShredded, Erased)
 
 
 def processing_error(record: SourceRecord, exc: BaseException) -> DeadLetter:

@@ -28,21 +28,23 @@ from functools import singledispatch
 from datetime import UTC, datetime
 from typing import Any, MutableMapping
 
-from schemas.alerts import ChurnModelPublished
+from schemas.alerts import Cause, ChurnModelPublished
 from schemas.boundaries import SegmentBoundaries
 from schemas.clock import ClockTick
 from schemas.codec import DecodeError, decode_catalog_event, decode_event, fingerprint, to_json_dict
 from schemas.identity import AliasEventAttributed, AliasLinked, derived_id
 from schemas.envelope import EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, Envelope
+from streams import erasure
 from streams.churn import fold as churn
 from streams.customer import CustomerState
+from streams.churn.state import ChurnState
 from streams.loyalty import ledger
 from streams.loyalty.calendar import to_ms
 from streams import profile as profiles
 from streams.profile import CustomerProfile
 from streams.outputs import (
-    OUTBOX, Accepted, AlertChanged, BalanceChanged, BoundariesApplied, ChurnModelApplied, DeadLetter, Duplicate, Forward,
-    LedgerEntry, Output, ProfileChanged, SegmentChanged,
+    OUTBOX, Accepted, AlertChanged, BalanceChanged, BoundariesApplied, ChurnModelApplied, DeadLetter, Duplicate, Erased,
+    Forward, KeyShredded, LedgerEntry, Output, ProfileChanged, SegmentChanged,
 )
 from streams.records import SourceRecord
 from streams.rulebooks import Rulebooks
@@ -152,6 +154,12 @@ def _attributed(record: AliasEventAttributed, fold: Fold) -> list[Output]:
     if isinstance(inner, DecodeError):
         return fold.dead_letter(inner.reason, f"attributed event: {inner.detail}")
     event = inner.model_copy(update={"customer_id": record.customer_id})
+    state = load_customer(fold.store, record.customer_id)
+    if state is not None and record.alias_key in state.unlinked_aliases and state.last_offset < fold.record.offset:
+        # The customer was erased, and the alias's partition still holds the link (docs/privacy.md).
+        return fold.dead_letter("alias_unlinked", f"{record.alias_key} was unlinked from customer "
+                                                  f"{record.customer_id} by an erasure; the event stays with the "
+                                                  f"alias in crm.events")
     return _event(event, fold, str(record.event_id), record.alias_key)
 
 
@@ -199,10 +207,17 @@ def _event(event: Envelope, fold: Fold, record_id: str | None = None, attributed
         # The alias belongs to a customer now: the event is theirs, applied in their partition.
         return _forward_to_customer(state, event, fold, content)
 
+    if erasure.is_request(event):
+        return _erase(state, event, fold, event_id, content, attributed_from)
+
     segments, rules = fold.segments, fold.rules
     if state is None:
         segments.enrol(key)
         state = CustomerState.new(key)
+    elif state.erased:
+        # The customer came back after an erasure: a new customer (docs/privacy.md).
+        state = erasure.new_life(state)
+    erasure.note_keys(state, event)
     aliases_before = state.profile.aliases
     alerts = _churn_until(state, to_ms(event.occurred_at), fold) if not anonymous else []
     profile, changes = profile_after_event(state.profile, event, record.offset, rules, segments.boundaries)
@@ -225,8 +240,55 @@ def _event(event: Envelope, fold: Fold, record_id: str | None = None, attributed
     outputs = [*_segment_outputs(key, changes), *_loyalty_outputs(key, loyalty), *_alert_outputs(key, alerts)]
     if not anonymous:
         outputs += [_link(alias, key, event) for alias in state.profile.aliases if alias not in aliases_before]
+        if state.unlinked_aliases:
+            # The customer's own events show the alias again: it is theirs again.
+            state.unlinked_aliases = tuple(a for a in state.unlinked_aliases if a not in state.profile.aliases)
     _save(fold, state, outputs)
     fold.seen[event_id] = SeenEvent(content, record.partition, record.offset)
+    return [Accepted(event, record, attributed_from), ProfileChanged(state.profile), *outputs]
+
+
+def _erase(state: CustomerState | None, event: Envelope, fold: Fold, event_id: str, content: str,
+           attributed_from: str) -> list[Output]:
+    """A `customer_erasure_requested` event: the customer's data keys shredded, personal traces
+    wiped, aliases unlinked, points forfeited, open alerts closed, and a `customer_erased` record
+    (streams/erasure.py, docs/privacy.md)."""
+    record, rules = fold.record, fold.rules
+    key = event.customer_key
+    at = to_ms(event.occurred_at)
+    fold.seen[event_id] = SeenEvent(content, record.partition, record.offset)
+    if state is None:
+        # Nobody known here: nothing to shred, but the request is answered in crm.erasures.
+        return [Accepted(event, record, attributed_from), erasure.record(key, event, [], [], 0, [])]
+    anonymous = state.profile.customer_id is None
+    outputs: list[Output] = []
+    alert_ids: list[str] = []
+    points = 0
+    aliases, elsewhere = erasure.unlink(state, record.partition, lambda alias: load_customer(fold.store, alias),
+                                        lambda alias_state: _save(fold, alias_state, [], alias_state.due_ms))
+    if not state.erased:
+        alerts = _churn_until(state, at, fold) if not anonymous else []
+        profile, passed = profile_until(state.profile, at, rules, fold.segments.boundaries)
+        cause = Cause(type="event", event_id=str(event.event_id), event_type=event.type)
+        closing = erasure.close_alerts(profile, state.churn, rules.churn, at, cause)
+        alert_ids = [change["alert_id"] for change in closing]
+        loyalty: list[ledger.LoyaltyOutput] = []
+        if not anonymous or state.account.last_balance is not None:
+            state.account, loyalty, points = ledger.forfeit(state.account, event, rules.loyalty)
+        state.profile = erasure.wipe(profile, at, record.offset)
+        outputs += [*_segment_outputs(key, passed), *_loyalty_outputs(key, loyalty),
+                    *_alert_outputs(key, alerts + closing)]
+        state.churn = ChurnState(opened_count=state.churn.opened_count)
+    else:
+        state.profile = profiles.evolve(state.profile, version=state.profile.version + 1, last_offset=record.offset)
+    shredded = list(state.data_keys)
+    outputs += [KeyShredded(key, key_id) for key_id in shredded]
+    outputs.append(erasure.record(key, event, shredded, aliases, points, alert_ids))
+    state.data_keys = ()
+    state.unlinked_aliases = tuple(sorted({*state.unlinked_aliases, *elsewhere}))
+    state.held, state.held_bytes = [], 0
+    state.last_offset = record.offset
+    _save(fold, state, outputs, None)
     return [Accepted(event, record, attributed_from), ProfileChanged(state.profile), *outputs]
 
 
@@ -313,7 +375,7 @@ def _tick(tick: ClockTick, fold: Fold) -> list[Output]:
     customer_keys = list(dict.fromkeys([*due_keys, *fold.segments.sweep_batch(record.offset)]))
     for customer_key in customer_keys:
         state = load_customer(fold.store, customer_key)
-        if state is None or state.linked_to:
+        if state is None or state.linked_to or state.erased:
             continue
         customer_outputs = _wake(state, now, fold)
         if customer_outputs is not None:
@@ -424,8 +486,9 @@ def _save(fold: Fold, state: CustomerState, outputs: list[Output], due: int | No
     has just computed it."""
     if due is _Unknown:
         # A profile merged into a customer's stays as it was at the link: time no longer moves it.
-        due = None if state.linked_to else _next_due(state.churn, state.profile, state.account, fold.rules,
-                                                     fold.segments.boundaries, fold.segments.churn_model)
+        # An erased one stands still until the customer comes back (docs/privacy.md).
+        due = None if state.linked_to or state.erased else _next_due(
+            state.churn, state.profile, state.account, fold.rules, fold.segments.boundaries, fold.segments.churn_model)
     if due is not None and due != state.due_ms:
         fold.timers.add(state.account.customer_key, due)
     state.due_ms = due
@@ -458,10 +521,14 @@ def _resend(state: CustomerState, offset: int) -> list[Output]:
     for data in state.outputs_at(offset):
         if data.get("type") == "alert_change":
             outputs.append(AlertChanged(key, data))
+        elif data.get("type") == "customer_erased":
+            outputs.append(Erased(key, data))
         elif data["entry"] == "segment_changed":
             outputs.append(SegmentChanged(key, data))
         elif data["entry"] == "forward":
             outputs.append(Forward(data["key"], data["record"]))
+        elif data["entry"] == "key_shredded":
+            outputs.append(KeyShredded(key, data["key_id"]))
         else:
             outputs.append(LedgerEntry(key, data))
     if state.account.last_balance is not None:

@@ -101,6 +101,10 @@ class CustomerProfile:
     churn_expected_90d: float | None = None
     churn_model_id: str = ""
     open_alerts: tuple[str, ...] = ()
+    # Erasure (docs/privacy.md): the event time a `customer_erasure_requested` took effect. The
+    # personal traces (contact fields given, aliases, consent) are wiped and the profile stands still
+    # until an event of the customer's starts it again as a new customer, which clears the mark.
+    erased_at_ms: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Fields at their default are left out: state is stored per customer (and per alias), and
@@ -168,6 +172,7 @@ class CustomerProfile:
             "boundaries_id": self.boundaries_id, "merged_into": self.merged_into,
             "churn_p_alive": self.churn_p_alive, "churn_expected_90d": self.churn_expected_90d,
             "churn_model_id": self.churn_model_id, "open_alerts": list(self.open_alerts),
+            "erased_at_ms": self.erased_at_ms,
         }
 
     def figures(self) -> dict[str, Any]:

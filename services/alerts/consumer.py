@@ -1,6 +1,8 @@
 """Reads `crm.alerts` (consumer group `crm-alerts`, from the earliest record) in batches into the
 alert log, then commits the batch's offsets: at-least-once, and the log ignores a change_id it
-already has, so a batch read again after a crash changes nothing.
+already has, so a batch read again after a crash changes nothing. It reads `crm.erasures` too: a
+`customer_erased` record deletes that customer's alerts and deliveries (docs/privacy.md), which
+done twice changes nothing either.
 
 A record that is not a valid AlertChange is logged with its position and the reason, kept in the
 `invalid_records` table and counted, and skipped: one bad record must not stop every alert behind it."""
@@ -11,12 +13,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
 from schemas.alerts import AlertChange
+from schemas.privacy import CustomerErased
 from services.alerts import metrics
 from services.alerts.store import AlertStore, Appended, InvalidRecord
 from streams import topics
@@ -51,24 +57,52 @@ def parse(record: ConsumerRecord) -> AlertChange | InvalidRecord:
         return InvalidRecord(*where, f"not a valid AlertChange: {problems}{more}", record.value)
 
 
+def parse_erasure(record: ConsumerRecord) -> CustomerErased | InvalidRecord:
+    """The record's CustomerErased (crm.erasures), or why it is not one."""
+    where = (record.topic, record.partition, record.offset)
+    if record.value is None:
+        return InvalidRecord(*where, "no value (a tombstone): not a customer_erased record", None)
+    try:
+        return CustomerErased.model_validate_json(record.value)
+    except ValidationError:
+        # The worker writes alias keys longer than the model's customer_key allows (streams/erasure.py):
+        # what the store needs is the key and the time.
+        try:
+            data = orjson.loads(record.value)
+            return CustomerErased.model_construct(customer_key=str(data["customer_key"]),
+                                                  erased_at=datetime.fromisoformat(data["erased_at"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            return InvalidRecord(*where, f"not a valid customer_erased record: {exc}", record.value)
+
+
 def store_batch(store: AlertStore, records: list[ConsumerRecord]) -> Appended:
     valid: list[tuple[AlertChange, bytes]] = []
     invalid: list[InvalidRecord] = []
+    erasures: list[CustomerErased] = []
     for record in records:
+        if record.topic == topics.ERASURES.name:
+            erasure = parse_erasure(record)
+            if isinstance(erasure, InvalidRecord):
+                log.error("skipped %s[%s]@%s: %s", erasure.topic, erasure.partition, erasure.offset, erasure.error)
+                invalid.append(erasure)
+            else:
+                erasures.append(erasure)
+            continue
         parsed = parse(record)
         if isinstance(parsed, InvalidRecord):
             log.error("skipped %s[%s]@%s: %s", parsed.topic, parsed.partition, parsed.offset, parsed.error)
             invalid.append(parsed)
         else:
             valid.append((parsed, record.value))
-    return store.append(valid, invalid)
+    return store.append(valid, invalid, erasures=erasures)
 
 
 class AlertConsumer:
     def __init__(self, store: AlertStore, bootstrap: str, on_appended: Callable[[], None] = lambda: None,
-                 group_id: str = GROUP_ID, topic: str = topics.ALERTS.name):
+                 group_id: str = GROUP_ID, topic: str = topics.ALERTS.name,
+                 erasures_topic: str | None = topics.ERASURES.name):
         self.store, self.bootstrap, self.on_appended = store, bootstrap, on_appended
-        self.group_id, self.topic = group_id, topic
+        self.group_id, self.topic, self.erasures_topic = group_id, topic, erasures_topic
         self.stats = ConsumerStats()
 
     async def run(self) -> None:
@@ -77,7 +111,7 @@ class AlertConsumer:
         wait = RECONNECT_SECONDS[0]
         while True:
             consumer = AIOKafkaConsumer(
-                self.topic, bootstrap_servers=self.bootstrap, group_id=self.group_id,
+                *[self.topic, *([self.erasures_topic] if self.erasures_topic else [])], bootstrap_servers=self.bootstrap, group_id=self.group_id,
                 auto_offset_reset="earliest", enable_auto_commit=False, max_poll_records=BATCH_RECORDS)
             try:
                 self.stats.state = "connecting"

@@ -8,6 +8,12 @@ Every multi-statement change is one `BEGIN IMMEDIATE` transaction, so the servic
 of a CLI change or the other way round.
 
 The webhook secrets are kept as they are (not hashed): the service needs them to sign each request.
+
+Erasure (docs/privacy.md): a `customer_erased` record deletes the customer's alerts and deliveries
+(`erase`), with `secure_delete` on, so SQLite overwrites the deleted content in the file instead of
+leaving it in free pages. The customer key and the erasure time are kept in `erased_customers`: an
+alert change of the customer dated at or before the erasure (the `erased` closing change, a resend)
+that arrives after it is not logged again; alerts of a customer who came back are.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.alerts import AlertChange
+from schemas.privacy import CustomerErased
 from services.alerts.filters import Filters
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
@@ -58,6 +65,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (subscription_id, seq)
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_customer ON deliveries (subscription_id, status, customer_key, seq);
+CREATE TABLE IF NOT EXISTS erased_customers (
+    customer_key TEXT PRIMARY KEY,
+    erased_at REAL NOT NULL                  -- event time of the (latest) erasure, epoch seconds
+);
 CREATE TABLE IF NOT EXISTS invalid_records (
     topic TEXT NOT NULL,
     partition INTEGER NOT NULL,
@@ -136,9 +147,10 @@ class InvalidRecord:
 @dataclass(frozen=True)
 class Appended:
     alerts: int        # new entries in the log
-    duplicates: int    # change_ids the log already had
+    duplicates: int    # change_ids the log already had (or of an erased customer, from before the erasure)
     deliveries: int    # deliveries queued for subscriptions
     invalid: int
+    erased: int = 0    # customers whose alerts and deliveries were deleted
 
 
 class AlertStore:
@@ -149,6 +161,8 @@ class AlertStore:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Deleted rows (an erased customer's alerts) are overwritten in the file, not left in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
         # synchronous stays FULL (the default): Kafka offsets are committed once a batch is in this
         # file, so a transaction that an OS crash could still lose would lose alerts.
         with self._lock:
@@ -223,17 +237,23 @@ class AlertStore:
     # --- the alert log ------------------------------------------------------------------------------
 
     def append(self, alerts: Sequence[tuple[AlertChange, bytes]], invalid: Sequence[InvalidRecord] = (),
-               now: float | None = None) -> Appended:
-        """Log new alerts and queue a delivery for every active subscription that wants each, in one
-        transaction: a crash leaves either all of it or none (and then Kafka delivers the batch again)."""
+               now: float | None = None, erasures: Sequence[CustomerErased] = ()) -> Appended:
+        """Log new alerts and queue a delivery for every active subscription that wants each, and carry
+        out `erasures` after them, in one transaction: a crash leaves either all of it or none (and then
+        Kafka delivers the batch again)."""
         now = time.time() if now is None else now
         added = duplicates = queued = 0
         with self._transaction() as db:
+            erased_at = self._erased_at(db, {alert.customer_key for alert, _ in alerts})
             # Read inside the transaction: a subscription created by the CLI at this moment either
             # sees this batch queued for it or starts after it, never half.
             subscriptions = [_subscription(row) for row in db.execute(
                 "SELECT id, url, filters, created_at, active, secret FROM subscriptions WHERE active = 1")]
             for alert, record in alerts:
+                erased = erased_at.get(alert.customer_key)
+                if erased is not None and alert.occurred_at.timestamp() <= erased:
+                    duplicates += 1  # of a customer erased since: not logged again
+                    continue
                 cursor = db.execute(
                     "INSERT INTO alerts (change_id, alert_id, customer_key, record, received_at) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT (change_id) DO NOTHING",
@@ -252,7 +272,34 @@ class AlertStore:
                 'ON CONFLICT DO NOTHING',
                 [(r.topic, r.partition, r.offset, r.error, None if r.value is None else r.value[:1024], now)
                  for r in invalid])
-        return Appended(added, duplicates, queued, len(invalid))
+            for erasure in erasures:
+                self._erase(db, erasure.customer_key, erasure.erased_at.timestamp())
+        return Appended(added, duplicates, queued, len(invalid), len(erasures))
+
+    def erase(self, customer_key: str, erased_at: float) -> None:
+        """Delete the customer's alerts and deliveries (an erasure, docs/privacy.md); idempotent."""
+        with self._transaction() as db:
+            self._erase(db, customer_key, erased_at)
+
+    @staticmethod
+    def _erase(db: sqlite3.Connection, customer_key: str, erased_at: float) -> None:
+        db.execute("DELETE FROM deliveries WHERE customer_key = ?", (customer_key,))
+        db.execute("DELETE FROM alerts WHERE customer_key = ?", (customer_key,))
+        db.execute("INSERT INTO erased_customers (customer_key, erased_at) VALUES (?, ?) ON CONFLICT (customer_key) "
+                   "DO UPDATE SET erased_at = max(erased_at, excluded.erased_at)", (customer_key, erased_at))
+
+    @staticmethod
+    def _erased_at(db: sqlite3.Connection, customer_keys: Collection[str]) -> dict[str, float]:
+        keys = list(customer_keys)
+        found: dict[str, float] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            found.update(db.execute(f"SELECT customer_key, erased_at FROM erased_customers WHERE customer_key IN "
+                                    f"({','.join('?' * len(chunk))})", chunk).fetchall())
+        return found
+
+    def erased_customers(self) -> dict[str, float]:
+        return dict(self._rows("SELECT customer_key, erased_at FROM erased_customers"))
 
     def last_seq(self) -> int:
         return self._rows("SELECT coalesce(max(seq), 0) FROM alerts")[0][0]

@@ -293,6 +293,36 @@ def advance(account: Account, until_ms: int, book: RulesBook) -> tuple[Account, 
     return fold.finish()
 
 
+def forfeit(account: Account | None, event: Envelope, book: RulesBook) -> tuple[Account, list[LoyaltyOutput], int]:
+    """The account after its member was erased (docs/privacy.md): first whatever time made due up to
+    the request, then one `forfeited` movement (reason `erasure`) that writes off every available and
+    pending point and any debt, so the liability drops and the balance still equals the sum of its
+    movements. The lots, orders and birth month go; the counters stay, so a member who comes back
+    continues the numbering of movements and balances. Returns the points written off as well."""
+    fold = _Fold(account, event.customer_key, book)
+    moment = max(to_ms(event.occurred_at), fold.account.clock_ms)
+    fold.run_due(moment)
+    current = fold.account
+    current.clock_ms = moment
+    points = current.available + current.pending
+    if points or current.debt:
+        cause = _Cause(str(event.event_id), event.type, event.source.store_id or "", event.source.channel.value)
+        current.lots = []
+        fold._move("forfeited", moment, cause, fold.rules(moment), available=-current.available,
+                   pending=-current.pending, debt=-current.debt, reason="erasure")
+    current.lots, current.orders, current.qualifying, current.handled_ids = [], {}, [], []
+    current.birth_month = current.birthday_awarded_year = None
+    current.tier_review_ms = current.tier_after_review = None
+    account, outputs = fold.finish()
+    return account, outputs, points
+
+
+def new_life(account: Account) -> Account:
+    """A fresh account for a member who comes back after an erasure: empty, but numbering its
+    movements and balances on from the old one, whose rows stay keyed by (customer, seq/version)."""
+    return Account(customer_key=account.customer_key, version=account.version, seq=account.seq)
+
+
 def next_due_ms(account: Account, book: RulesBook) -> int | None:
     """The next event time at which time alone changes this account: a lot maturing, expiring or
     entering the reminder window, a tier review that demotes, a birthday month."""

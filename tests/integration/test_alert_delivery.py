@@ -137,3 +137,46 @@ def _forget_projected(stack, customers: list[str], expected_rows: int) -> None:
     stack.wait_for(lambda: stack.query(f"SELECT count() FROM churn_alerts FINAL WHERE {where}")[0][0] == expected_rows,
                    what="the hand-made alerts in churn_alerts")
     stack.client.command(f"ALTER TABLE churn_alerts DELETE WHERE {where} SETTINGS mutations_sync = 2")
+
+
+def test_a_customer_erased_record_deletes_the_customer_s_alerts_and_deliveries_from_the_service(stack, tmp_path):
+    with alert_service(stack, tmp_path, backoff_cap_seconds="0.2") as service:
+        store_id = f"it-{uuid.uuid4().hex[:8]}"
+        # A subscriber that never answers well: the deliveries stay pending until the erasure.
+        with Receiver(fail_first=10**6, fail_status=503) as receiver:
+            created = httpx.post(f"{service.url}/v1/webhooks", json={"url": receiver.url, "filters": {"stores": [store_id]}},
+                                 headers={"Authorization": f"Bearer {service.api_key}"})
+            assert created.status_code == 201, created.text
+            gone, kept = f"it-gone-{uuid.uuid4().hex[:6]}", f"it-kept-{uuid.uuid4().hex[:6]}"
+            for customer in (gone, kept):
+                change = alert(customer, store_id=store_id)
+                stack.send(customer.encode(), encoded(change), topic=topics.ALERTS.name)
+            stack.flush()
+
+            def logged() -> set[str]:
+                store = AlertStore(stack.settings.alerts_db)
+                try:
+                    return {a.customer_key for a in store.alerts_after(0, limit=100_000)} & {gone, kept}
+                finally:
+                    store.close()
+
+            _wait(lambda: logged() == {gone, kept}, 60, "both alerts in the service's log")
+            erased = {"type": "customer_erased", "customer_key": gone, "request_event_id": str(uuid.uuid4()),
+                      "request_id": "it-req", "requested_by": "dpo", "erased_at": "2026-03-02T10:00:00+00:00",
+                      "data_keys_shredded": [], "aliases_unlinked": [], "points_forfeited": 0, "alerts_closed": []}
+            stack.send(gone.encode(), orjson.dumps(erased), topic=topics.ERASURES.name)
+            stack.flush()
+            _wait(lambda: logged() == {kept}, 60, "the erased customer's alerts to be deleted")
+            store = AlertStore(stack.settings.alerts_db)
+            try:
+                assert gone in store.erased_customers()
+                subscription = created.json()["id"]
+                assert {d.customer_key for d in store.deliveries(subscription)} == {kept}
+            finally:
+                store.close()
+    assert service.process.returncode == 0, service.log_path.read_text()[-3000:]
+    _forget_projected(stack, [gone, kept], expected_rows=2)
+    # The hand-made erasure was projected too; a rebuild from the log would rightly not have it.
+    stack.wait_for(lambda: stack.query(f"SELECT count() FROM erasures FINAL WHERE customer_key = '{gone}'")[0][0] == 1,
+                   what="the hand-made erasure in erasures")
+    stack.client.command(f"ALTER TABLE erasures DELETE WHERE customer_key = '{gone}' SETTINGS mutations_sync = 2")

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from kafka import KafkaConsumer, TopicPartition
 
 from streams import topics
-from tests.factories import encoded, event
+from tests.factories import encoded, event, test_key
 from tests.integration.fold_check import assert_projections_equal_the_fold, event_rows, pure_fold, send_workload
 
 
@@ -169,3 +169,40 @@ def test_the_segment_sql_in_the_docs_runs_and_agrees_with_the_profiles(stack):
     stack.wait_for(lambda: dict((k, s) for s, k in stack.query(by_history)) == dict(stack.query(
         "SELECT customer_key, lifecycle_stage FROM customer_profiles FINAL WHERE lifecycle_stage != ''")),
         timeout=120, what="the last change of every customer equal to the stage in the profile")
+
+
+def test_an_erasure_request_in_the_log_shreds_the_keys_wipes_the_profile_and_is_recorded(stack):
+    customer = unique_customer("erase")
+    registered = event("customer_registered", customer_id=customer, occurred_at="2026-02-01T09:00:00+00:00",
+                       identifiers={"loyalty_card": f"card-{customer}"})
+    bought = event(customer_id=customer, occurred_at="2026-02-02T12:00:00+00:00")
+    request = event("customer_erasure_requested", customer_id=customer, occurred_at="2026-02-10T09:00:00+00:00",
+                    source={"channel": "service"}, payload={"request_id": f"req-{customer}", "requested_by": "dpo"})
+    for body in (registered, bought, request):
+        stack.send(customer.encode(), encoded(body))
+    stack.flush()
+    key_id = test_key(customer)[0]
+
+    row = stack.wait_for(lambda: stack.query(
+        "SELECT request_id, data_keys_shredded, aliases_unlinked, points_forfeited FROM erasures FINAL "
+        "WHERE customer_key = {c:String}", {"c": customer}), what="the erasures row")[0]
+    assert row == (f"req-{customer}", [key_id], [f"loyalty_card:card-{customer}"], row[3]) and row[3] > 0
+    profile = stack.wait_for(lambda: stack.query(
+        "SELECT contact, aliases, marketing_consent, purchase_count, points_available + points_pending "
+        "FROM customer_profiles FINAL WHERE customer_key = {c:String} AND erased_at IS NOT NULL",
+        {"c": customer}), what="the erased profile")[0]
+    assert profile == ([], [], [], 1, 0)
+    forfeited = stack.wait_for(lambda: stack.query(
+        "SELECT reason, available_delta + pending_delta FROM points_ledger FINAL "
+        "WHERE customer_key = {c:String} AND kind = 'forfeited'", {"c": customer}), what="the forfeit movement")
+    assert forfeited == [("erasure", -row[3])]
+
+    # The data key's tombstone is in crm.customer-keys.
+    consumer = KafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_auto_commit=False,
+                             consumer_timeout_ms=5000)
+    partitions = [TopicPartition(topics.CUSTOMER_KEYS.name, p) for p in range(topics.CUSTOMER_KEYS.partitions)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    tombstones = [r for r in consumer if r.key == key_id.encode() and r.value is None]
+    consumer.close()
+    assert tombstones

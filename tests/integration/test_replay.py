@@ -44,6 +44,14 @@ def test_a_rebuild_from_the_log_equals_the_live_projections(stack):
     for message in Simulator(workload).messages(topics.EVENT_PARTITIONS):
         stack.send(message.key, message.value, partition=message.partition)
         sent += 1
+    # A few of them erased at the end of their history, so that the rebuild has erasures to make again
+    # (crm.erasures, written by the fold) and meets erased customers' forfeits and closed alerts.
+    for n in range(0, 200, 10):
+        customer = f"{workload.customer_prefix}-{n:06d}"
+        request = event("customer_erasure_requested", customer_id=customer, occurred_at=workload.end.isoformat(),
+                        source={"channel": "service"}, payload={"request_id": f"req-{n}", "requested_by": "dpo"})
+        stack.send(customer.encode(), encoded(request))
+        sent += 1
     stack.flush()
     assert sent >= 100_000, sent
     wait_until_caught_up(stack)

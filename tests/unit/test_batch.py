@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from services.simulator import Simulator, Workload
+from services.simulator import Simulator, Workload, offline_sealer
 from streams import batch as batch_module
 from streams.batch import fold_batch
 from streams.config import settings as crm_settings
@@ -23,7 +23,7 @@ RULES = load_rulebooks(crm_settings())
 def simulated_log(customers=80, days=40, seed=5):
     offsets = [0] * 6
     records = []
-    for message in Simulator(Workload(customers=customers, days=days, seed=seed)).messages(6):
+    for message in Simulator(Workload(customers=customers, days=days, seed=seed), offline_sealer()).messages(6):
         partition = message.partition if message.partition is not None else zlib.crc32(message.key) % 6
         records.append(SourceRecord(message.key, message.value, partition, offsets[partition], 1780000000000))
         offsets[partition] += 1

@@ -6,7 +6,7 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.simulator import Simulator, Workload
+from services.simulator import Simulator, Workload, offline_sealer
 
 from streams.config import settings as crm_settings
 from streams.rulebooks import load_rulebooks
@@ -195,7 +195,7 @@ def test_outputs_of_a_replay_are_idempotent_for_versioned_rows():
 def test_state_written_as_bytes_and_read_back_folds_exactly_like_state_in_memory():
     """Compact serialisation (defaults left out) loses nothing: a simulated month through a store of
     bytes gives the same outputs as through plain objects."""
-    messages = list(Simulator(Workload(customers=120, days=40, seed=5)).messages(6))
+    messages = list(Simulator(Workload(customers=120, days=40, seed=5), offline_sealer()).messages(6))
     offsets = [0] * 6
     records = []
     for message in messages:

@@ -271,8 +271,8 @@ def test_personal_data_lies_nowhere_in_clear_and_an_erased_customer_leaves_no_tr
     proof.post([_purchase(None, f"order-{run}-{i}-by-mail", at + timedelta(days=3), identifiers={"email": p.new_email})
                 for i, p in enumerate(people)])
     proof.wait_for(lambda: proof.query(f"SELECT count() FROM events FINAL WHERE type = 'purchase_completed' "
-                                       f"AND payload LIKE '%order-{run}-%'") == [(2 * CUSTOMERS,)],
-                   what="every purchase projected")
+                                       f"AND customer_key LIKE 'pp-{run}-%'") == [(2 * CUSTOMERS,)],
+                   what="every purchase projected, those by e-mail attributed to their customer")
 
     # The erased customers' data keys, as this test can read them before the erasure.
     store = KeyStore(proof.settings.kafka_bootstrap, master_keyring(proof.state_dir)).open(follow=False)
@@ -299,6 +299,7 @@ def test_personal_data_lies_nowhere_in_clear_and_an_erased_customer_leaves_no_tr
     # compressed batches.
     kafka_dir = proof.settings.kafka_dir
     assert search(kafka_dir, wrapped), "the search must see the wrapped keys before compaction"
+    assert search(kafka_dir, [through_intake[0].email.encode()]), "and the intake topic's plain records"
 
     _shorten_bounds(proof)
     time.sleep(2)

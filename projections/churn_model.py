@@ -3,7 +3,8 @@ history in `events`, and appended to every partition of the events topic (schema
 why the log, not a side channel).
 
 Method (docs/churn-score.md):
-- as of: the latest `occurred_at` of any event, an event time (never the wall clock);
+- as of: the latest `occurred_at` of any event not dated after its receipt, an event time (never
+  the wall clock);
 - per customer with a purchase at or before then, in days: x = distinct UTC days with a purchase,
   minus one (the first); t_x = last purchase - first purchase; T = as of - first purchase;
 - customers kept under an alias that was later linked to a customer are left out: their purchases
@@ -24,6 +25,7 @@ import orjson
 from clickhouse_connect.driver.client import Client
 from kafka import KafkaProducer
 
+from projections.events_table import latest_event_ms
 from schemas.alerts import ChurnModelPublished
 from streams import topics
 from streams.churn import bgnbd
@@ -49,10 +51,6 @@ ORDER BY customer_key
 """
 
 
-def latest_event_ms(client: Client, database: str) -> int | None:
-    """The event time the history reaches: the latest `occurred_at` in `events`, or None when empty."""
-    latest = client.query(f"SELECT max(toUnixTimestamp64Milli(occurred_at)) FROM {database}.events").result_rows[0][0]
-    return int(latest) if latest else None
 
 
 def summary(client: Client, database: str, as_of_ms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

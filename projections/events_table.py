@@ -12,6 +12,7 @@ from typing import Any, Iterable
 from uuid import UUID
 
 import orjson
+from clickhouse_connect.driver.client import Client
 
 MIGRATIONS = [
     (1, """
@@ -74,3 +75,17 @@ def rows(records: Iterable[Any]) -> list[list[Any]]:
             data["partition"], data["offset"], data.get("attributed_from", ""),
         ])
     return out
+
+
+# An event that claims to happen after it reached the platform says nothing about how far the history
+# has come: a producer's wrong clock (the catalog takes times up to 2199 from direct producers) would
+# otherwise put every customer outside every trailing window. The ingestion API's own tolerance.
+CLOCK_SKEW_SQL = "occurred_at <= received_at + INTERVAL 5 MINUTE"
+
+
+def latest_event_ms(client: Client, database: str) -> int | None:
+    """The event time the history reaches: the latest `occurred_at` in `events` of an event that did
+    not claim to happen after it was received, or None when there is none."""
+    latest = client.query(f"SELECT max(toUnixTimestamp64Milli(occurred_at)) FROM {database}.events "
+                          f"WHERE {CLOCK_SKEW_SQL}").result_rows[0][0]
+    return int(latest) if latest else None

@@ -95,6 +95,8 @@ def _in_own_process(state_dir: str, purchases_file: str) -> None:
     rows.append([uuid.uuid4(), "purchase_completed", MERGED_ALIAS, at(START_MS), at(START_MS)])
     client.insert("crm.customer_profiles", [[MERGED_ALIAS, 1, "cust-0001"]],
                   column_names=["customer_key", "version", "merged_into"])
+    # A producer's wrong clock: an event dated 2199, received at the start. It must not move the as-of time.
+    rows.append([uuid.uuid4(), "daily_sign_in", "cust-wrong-clock", datetime(2199, 1, 1, tzinfo=UTC), at(START_MS)])
     columns = ["event_id", "type", "customer_key", "occurred_at", "received_at"]
     client.insert("crm.events", rows, column_names=columns)
     client.insert("crm.events", rows[:25], column_names=columns)  # a writer's re-insert: FINAL collapses it

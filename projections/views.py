@@ -7,9 +7,11 @@ What each column means, and how to query them: docs/dictionary.md; examples: doc
 
 Conventions shared by the views:
 - Days are calendar days in UTC (`toDate(occurred_at)` of a DateTime64(3, 'UTC') column).
-- Rows kept under an alias that was later linked to a customer (`customer_profiles.merged_into`,
-  docs/identity.md) are left out: their events are also in `events` under the customer, so
-  counting both would count them twice. Unlinked aliases still count, as in the other docs.
+- An event kept under an alias and also attributed to a customer (the customer's row names the
+  alias in `attributed_from`, docs/identity.md) counts once, under the customer: the alias's row is
+  left out. An alias event that no customer took (never linked, or refused after an erasure
+  unlinked the alias: `alias_unlinked`) counts under the alias. Segment sizes, kept per customer,
+  leave out profiles kept under a linked alias (`customer_profiles.merged_into`).
 - Money is a Map(currency, amount), like the money columns of `customer_profiles`:
   `revenue['EUR']`.
 - `GLOBAL NOT IN` on the alias filter: on one node it is a plain `NOT IN`; on a cluster
@@ -21,14 +23,15 @@ Conventions shared by the views:
 from __future__ import annotations
 
 _MERGED_ALIASES = "(SELECT customer_key FROM {db}.customer_profiles FINAL WHERE merged_into != '')"
+_ATTRIBUTED = "(SELECT attributed_from, event_id FROM {db}.events FINAL WHERE attributed_from != '')"
 
 DAILY_STORE_CHANNEL = f"""
-CREATE VIEW IF NOT EXISTS {{db}}.daily_store_channel AS
+CREATE OR REPLACE VIEW {{db}}.daily_store_channel AS
 WITH
     first_purchases AS (
         SELECT customer_key, argMin((toDate(occurred_at), store_id, channel), (occurred_at, event_id)) AS first
         FROM {{db}}.events FINAL
-        WHERE type = 'purchase_completed' AND customer_key GLOBAL NOT IN {_MERGED_ALIASES}
+        WHERE type = 'purchase_completed' AND (customer_key, event_id) GLOBAL NOT IN {_ATTRIBUTED}
         GROUP BY customer_key
     )
 SELECT
@@ -56,7 +59,7 @@ FROM (
         sumMapIf(map(currency, toUInt64(1)), type = 'purchase_completed') AS orders_by_currency,
         sumMapIf(map(currency, amount), type = 'purchase_refunded') AS refunds
     FROM {{db}}.events FINAL
-    WHERE customer_key GLOBAL NOT IN {_MERGED_ALIASES}
+    WHERE (customer_key, event_id) GLOBAL NOT IN {_ATTRIBUTED}
     GROUP BY day, store_id, channel
 ) AS figures
 LEFT JOIN (
@@ -67,12 +70,12 @@ LEFT JOIN (
 """
 
 RETENTION_COHORTS = f"""
-CREATE VIEW IF NOT EXISTS {{db}}.retention_cohorts AS
+CREATE OR REPLACE VIEW {{db}}.retention_cohorts AS
 WITH
     purchases AS (
         SELECT customer_key, toStartOfMonth(occurred_at) AS month, currency, amount
         FROM {{db}}.events FINAL
-        WHERE type = 'purchase_completed' AND customer_key GLOBAL NOT IN {_MERGED_ALIASES}
+        WHERE type = 'purchase_completed' AND (customer_key, event_id) GLOBAL NOT IN {_ATTRIBUTED}
     ),
     cohorts AS (
         SELECT customer_key, min(month) AS cohort_month FROM purchases GROUP BY customer_key
@@ -197,6 +200,10 @@ MIGRATIONS = [
     (102, POINTS_LIABILITY_DAILY),
     (103, SEGMENT_SIZES_DAILY),
     (104, ALERT_FUNNEL),
+    # An alias's events count unless a customer took them, not unless the alias was ever linked:
+    # after an erasure unlinked an alias, events it still forwarded stay with it (docs/privacy.md).
+    (105, DAILY_STORE_CHANNEL),
+    (106, RETENTION_COHORTS),
 ]
 
 VIEWS = ["daily_store_channel", "retention_cohorts", "points_liability_daily", "segment_sizes_daily", "alert_funnel"]

@@ -144,6 +144,7 @@ class KeyStore:
         are written and acknowledged before this returns, so no token exists under a key that a crash
         could lose."""
         found: dict[str, tuple[str, bytes]] = {}
+        created = False
         with self._lock:
             for customer_key in set(customer_keys):
                 key_id = self._current.get(customer_key)
@@ -158,7 +159,8 @@ class KeyStore:
                 self._remember(record)
                 self._plain[key_id] = key
                 found[customer_key] = (key_id, key)
-            if len(found) > 0:
+                created = True
+            if created:
                 self._producer.flush()  # type: ignore[union-attr]
         return found
 

@@ -314,10 +314,16 @@ def submitted_model(type_name: str, schema_version: int = 1) -> type[Envelope] |
     return _SUBMITTED.get((type_name, schema_version))
 
 
+_PERSONAL_FIELDS: dict[str, tuple[str, ...]] = {
+    type_name: tuple(name for name, field in payload.model_fields.items() if is_personal(field))
+    for type_name, payload in PAYLOADS.items()
+}
+
+
 def personal_payload_fields(type_name: str) -> tuple[str, ...]:
-    """The payload fields of a type that are personal (sealed in the log); empty for most types."""
-    payload = PAYLOADS.get(type_name)
-    return tuple(name for name, field in payload.model_fields.items() if is_personal(field)) if payload else ()
+    """The payload fields of a type that are personal (sealed in the log); empty for most types.
+    Looked up, not derived: every edge asks it for every event."""
+    return _PERSONAL_FIELDS.get(type_name, ())
 
 
 def registered_versions() -> list[tuple[str, int]]:

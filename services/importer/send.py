@@ -123,6 +123,10 @@ def send_streams(producer: KafkaProducer, streams: list[Stream], stopped: Callab
     send = producer.send
     topic = topics.EVENTS.name
     positions = {stream.partition: stream.start for stream in streams}
+    if sealer is not None:
+        # Every data key this run needs, made and acknowledged at once: one wait for Kafka instead of
+        # one per chunk that meets new customers. A key made for an event never sent is used on resume.
+        sealer.keys_for({e.key.decode() for stream in streams for e in stream.events[stream.start:] if e.personal})
     try:
         while any(positions[stream.partition] < len(stream.events) for stream in streams):
             for stream in streams:

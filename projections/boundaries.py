@@ -3,9 +3,8 @@ appended to every partition of the events topic (schemas/boundaries.py says why 
 side channel).
 
 Method (docs/segments.md):
-- as of: the latest `as_of` of any profile, an event time, but never after the latest event not
-  dated after its receipt (projections/events_table.py latest_event_ms: a wrong clock's far-future
-  event must not age everyone else);
+- as of: the latest `as_of` of any profile, an event time (the partitions' clock ticks move it, so it
+  may be later than any event; a far-future event from a wrong clock moves it too: docs/segments.md);
 - value tier: among customers with positive net spend over 365 days (in the rules' currency), sorted
   from the highest: `high_min` is the spend of the last customer inside the top `high_share`,
   `mid_min` that of the last inside the top `high_share + mid_share`;
@@ -28,7 +27,6 @@ import orjson
 from clickhouse_connect.driver.client import Client
 from kafka import KafkaProducer
 
-from projections.events_table import latest_event_ms
 from schemas.boundaries import RfmCuts, SegmentBoundaries, ValueCuts
 from streams import topics
 from streams.segments.rules import SegmentRules
@@ -55,7 +53,6 @@ def compute(client: Client, database: str, rules: SegmentRules) -> tuple[int, st
     as_of_ms = client.query(f"SELECT max(toUnixTimestamp64Milli(as_of)) FROM {database}.customer_profiles").result_rows[0][0]
     if not as_of_ms:
         return None
-    as_of_ms = min(int(as_of_ms), latest_event_ms(client, database) or as_of_ms)
     version = rules.at_ms(as_of_ms)
     spenders, recency, frequency, monetary = client.query(
         _SQL.format(db=database, day=DAY_MS), parameters={"currency": version.currency, "as_of_ms": as_of_ms},

@@ -24,7 +24,7 @@ from collections import defaultdict
 from typing import Any
 
 from schemas.codec import DecodeError, decode_event
-from services.simulator import Simulator, Workload
+from services.simulator import Simulator, Workload, offline_sealer
 from streams import topics
 from streams.config import settings
 from streams.loyalty import ledger
@@ -39,7 +39,9 @@ from streams.profile import fold_profile
 def records(customers: int, days: int) -> list[SourceRecord]:
     offsets: dict[int, int] = defaultdict(int)
     out = []
-    for message in Simulator(Workload(customers=customers, days=days, seed=11)).messages(topics.EVENT_PARTITIONS):
+    # Sealed as the edges seal them, with keys made without Kafka: the fold never opens a sealed value.
+    simulator = Simulator(Workload(customers=customers, days=days, seed=11), sealer=offline_sealer())
+    for message in simulator.messages(topics.EVENT_PARTITIONS):
         partition = message.partition if message.partition is not None else zlib.crc32(message.key) % 6
         out.append(SourceRecord(message.key, message.value, partition, offsets[partition], 1780000000000))
         offsets[partition] += 1

@@ -410,22 +410,28 @@ def read_topic(consumer: Any, spec: topics.TopicSpec, begins: dict[int, int], en
         copy.records += count
 
 
+def _sqlite_copy(source: Path, target: Path) -> dict[str, int]:
+    """`source` into `target` with SQLite's online backup API (consistent while an owner writes
+    either); the row count of each table copied."""
+    src = sqlite3.connect(source, timeout=30.0)
+    dst = sqlite3.connect(target, timeout=30.0)
+    try:
+        src.backup(dst)
+        return {name: dst.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
+                for (name,) in dst.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                           "AND name NOT LIKE 'sqlite_%' ORDER BY name")}
+    finally:
+        dst.close()
+        src.close()
+
+
 def backup_sqlite(source: Path, target: Path) -> dict[str, Any]:
     """Copy a live SQLite database with SQLite's online backup API (consistent while its owner
     writes), compressed into `target` (0600)."""
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         os.chmod(scratch, 0o700)
         copy = Path(scratch) / "copy.sqlite"
-        src = sqlite3.connect(source, timeout=30.0)
-        dst = sqlite3.connect(copy)
-        try:
-            src.backup(dst)
-            tables = {name: dst.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
-                      for (name,) in dst.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
-                                                 "AND name NOT LIKE 'sqlite_%' ORDER BY name")}
-        finally:
-            dst.close()
-            src.close()
+        tables = _sqlite_copy(source, copy)
         with open(copy, "rb") as raw, _private_file(target) as out:
             zstandard.ZstdCompressor(level=ZSTD_LEVEL).copy_stream(raw, out)
     return {"tables": tables, "bytes": target.stat().st_size}
@@ -638,16 +644,7 @@ def restore_sqlite(compressed: Path, target: Path) -> dict[str, int]:
         plain = Path(scratch) / "restore.sqlite"
         with open(compressed, "rb") as raw, _private_file(plain) as out:
             zstandard.ZstdDecompressor().copy_stream(raw, out)
-        src = sqlite3.connect(plain)
-        dst = sqlite3.connect(target, timeout=30.0)
-        try:
-            src.backup(dst)
-            tables = {name: dst.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
-                      for (name,) in dst.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
-                                                 "AND name NOT LIKE 'sqlite_%' ORDER BY name")}
-        finally:
-            dst.close()
-            src.close()
+        tables = _sqlite_copy(plain, target)
     os.chmod(target, 0o600)
     return tables
 

@@ -30,7 +30,7 @@ import pytest
 from kafka import KafkaProducer
 
 from streams.config import Settings
-from tests.integration.conftest import CrmProcess, worker_command
+from tests.integration.conftest import CrmProcess, settings_for, worker_command
 
 pytestmark = pytest.mark.integration
 
@@ -218,17 +218,6 @@ def _environment(state_dir: Path) -> dict[str, str]:
     return env
 
 
-def _settings(env: dict[str, str]) -> Settings:
-    saved = dict(os.environ)
-    try:
-        os.environ.clear()
-        os.environ.update(env)
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def _wait_until_ready(url: str, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -250,7 +239,7 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack
     state_dir = tmp_path_factory.mktemp("fault-state")
     (state_dir / "logs").mkdir()
     env = _environment(state_dir)
-    config = _settings(env)
+    config = settings_for(env)
     broker = LocalBroker(config)
     broker.start()
     subscriber = Subscriber()

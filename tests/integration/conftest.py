@@ -32,10 +32,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def settings_for(env: dict[str, str]) -> Settings:
+    """The Settings a process started with exactly `env` would read."""
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def worker_command() -> list[str]:
@@ -131,8 +143,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     else:
         os.environ.pop("CRM_KAFKA_BOOTSTRAP", None)
         os.environ.pop("CRM_CLICKHOUSE_DSN", None)
-        os.environ["CRM_KAFKA_PORT"] = str(_free_port())
-        os.environ["CRM_KAFKA_CONTROLLER_PORT"] = str(_free_port())
+        os.environ["CRM_KAFKA_PORT"] = str(free_port())
+        os.environ["CRM_KAFKA_CONTROLLER_PORT"] = str(free_port())
         from deploy.kafka.broker import LocalBroker
 
         broker = LocalBroker(settings())
@@ -215,7 +227,7 @@ def api(stack: Stack) -> Iterator[Api]:
     from services.ingest.api import create_app
     from services.ingest.keys import ApiKeyStore
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(stack.settings), host="127.0.0.1", port=port,
                                           log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, name="ingestion-api", daemon=True)

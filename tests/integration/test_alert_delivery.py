@@ -24,7 +24,7 @@ from services.alerts.store import AlertStore
 from services.ingest.keys import ApiKeyStore
 from streams import topics
 from streams.config import PROJECT_ROOT
-from tests.integration.conftest import _free_port
+from tests.integration.conftest import free_port
 from tests.unit.test_alert_delivery import Receiver, alert, by_customer, encoded, requested_order
 
 pytestmark = pytest.mark.integration
@@ -62,7 +62,7 @@ def alert_service(stack, tmp_path: Path, backoff_cap_seconds: str) -> Iterator[R
     keys = ApiKeyStore(stack.settings.ingest_db)
     _, api_key = keys.create("backoffice", "alerts integration test")
     keys.close()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "CRM_ALERTS_HOST": "127.0.0.1", "CRM_ALERTS_PORT": str(port),
            "CRM_ALERTS_BACKOFF_BASE_SECONDS": "0.05", "CRM_ALERTS_BACKOFF_CAP_SECONDS": backoff_cap_seconds}

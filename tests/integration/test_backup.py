@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from services.ingest.keys import ApiKeyStore
 from streams import topics
 from streams.config import PROJECT_ROOT, Settings
 from tests.factories import event
+from tests.integration.conftest import free_port
 
 try:  # the submitted form, personal values plain (tests/factories.py); sealed here under the key store's keys
     from tests.factories import submitted
@@ -52,15 +52,9 @@ CUSTOMERS = ("alice", "bob", "carol")
 ALICE_CARD = "loyalty_card:alice-card"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _installation(state_dir: Path) -> tuple[Settings, dict[str, str]]:
     state_dir.mkdir(parents=True, exist_ok=True)
-    kafka, controller = _free_port(), _free_port()
+    kafka, controller = free_port(), free_port()
     config = Settings(state_dir=state_dir, kafka_port=kafka, kafka_controller_port=controller,
                       kafka_bootstrap_override=None)
     env = {name: value for name, value in os.environ.items()

@@ -37,7 +37,7 @@ from services.sql_http import SqlHttpServer, parse_users
 from streams.config import PROJECT_ROOT
 from streams.rulebooks import load_rulebooks
 from tests.factories import encoded, event
-from tests.integration.conftest import _free_port
+from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -136,7 +136,7 @@ class Dashboard:
 @pytest.fixture(scope="module")
 def dashboard(stack, sql_endpoint, alerts, tmp_path_factory) -> Iterator[Dashboard]:
     """`crm dashboard` with the analysts of the SQL endpoint, refreshing every 2 seconds."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("dashboard") / "dashboard.log"
     env = {**os.environ, "CRM_SQL_USERS": f"{USER}:{PASSWORD}", "CRM_SQL_PORT": str(sql_endpoint.port),
            "CRM_ALERTS_PORT": str(alerts.port), "CRM_DASHBOARD_REFRESH_SECONDS": "2"}

@@ -31,7 +31,7 @@ from privacy.keystore import KeyStore
 from privacy.secrets import master_keyring
 from streams import topics
 from streams.config import PROJECT_ROOT, Settings
-from tests.integration.conftest import CrmProcess, worker_command
+from tests.integration.conftest import CrmProcess, free_port, settings_for, worker_command
 from tests.stored_bytes import Finding, search
 
 pytestmark = pytest.mark.integration
@@ -121,25 +121,6 @@ class ProofStack:
                               text=True, timeout=600, cwd=PROJECT_ROOT)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _settings(env: dict[str, str]) -> Settings:
-    saved = dict(os.environ)
-    try:
-        os.environ.clear()
-        os.environ.update(env)
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 @pytest.fixture(scope="module")
 def proof(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProofStack]:
     from deploy.kafka.broker import LocalBroker
@@ -149,13 +130,13 @@ def proof(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProofStack]:
     state_dir = tmp_path_factory.mktemp("privacy-state")
     (state_dir / "logs").mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith("CRM_")}
-    env.update({"CRM_STATE_DIR": str(state_dir), "CRM_KAFKA_PORT": str(_free_port()),
-                "CRM_KAFKA_CONTROLLER_PORT": str(_free_port()), "CRM_SQL_PORT": str(_free_port()),
-                "CRM_SQL_USERS": f"{SQL_USER}:{SQL_PASSWORD}", "CRM_API_PORT": str(_free_port()),
-                "CRM_ALERTS_PORT": str(_free_port()), "CRM_WORKER_METRICS_PORT": "0", "CRM_WRITER_METRICS_PORT": "0",
+    env.update({"CRM_STATE_DIR": str(state_dir), "CRM_KAFKA_PORT": str(free_port()),
+                "CRM_KAFKA_CONTROLLER_PORT": str(free_port()), "CRM_SQL_PORT": str(free_port()),
+                "CRM_SQL_USERS": f"{SQL_USER}:{SQL_PASSWORD}", "CRM_API_PORT": str(free_port()),
+                "CRM_ALERTS_PORT": str(free_port()), "CRM_WORKER_METRICS_PORT": "0", "CRM_WRITER_METRICS_PORT": "0",
                 "CRM_TICK_SECONDS": "0", "CRM_BOUNDARIES_SECONDS": "0", "CRM_CHURN_MODEL_SECONDS": "0",
                 "CRM_KAFKA_EXTRA_CONFIG": BROKER_SETTINGS})
-    config = _settings(env)
+    config = settings_for(env)
     saved = dict(os.environ)
     os.environ["CRM_KAFKA_EXTRA_CONFIG"] = BROKER_SETTINGS  # read by the broker launcher in this process
     broker = LocalBroker(config)

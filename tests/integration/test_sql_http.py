@@ -31,7 +31,7 @@ from services.sql_http import (ADMIN_USER, Limits, SqlHttpServer, _LOCAL_TABLE_F
                                parse_users, start_beside_writer)
 from streams.config import PROJECT_ROOT
 from tests.factories import encoded, event
-from tests.integration.conftest import _free_port
+from tests.integration.conftest import free_port
 
 try:
     from compression import zstd  # Python 3.14
@@ -63,7 +63,7 @@ def writer_endpoint(stack):
     """The endpoint as `crm writer` serves it: to the local admin, whose credential is in the state directory."""
     if stack.settings.clickhouse_dsn:
         pytest.skip("with a ClickHouse server, there is no embedded database to serve")
-    server = start_beside_writer(dataclasses.replace(stack.settings, sql_port=_free_port()))
+    server = start_beside_writer(dataclasses.replace(stack.settings, sql_port=free_port()))
     assert server is not None
     yield server
     server.stop()
@@ -293,7 +293,7 @@ def test_new_events_are_visible_while_the_workers_run(endpoint, stack):
 
 def test_the_writer_serves_its_local_admin_always_and_analysts_when_configured(stack):
     digest = hashlib.sha256(b"bi secret").hexdigest()
-    taken = _free_port()
+    taken = free_port()
     with listening(taken):  # another server on the configured port: the writer takes a free one
         config = dataclasses.replace(stack.settings, sql_users=f"bi:sha256:{digest}", sql_port=taken)
         server = start_beside_writer(config)
@@ -310,7 +310,7 @@ def test_the_writer_serves_its_local_admin_always_and_analysts_when_configured(s
     assert not admin_file(config).exists()
     assert describe(config) == f"sql endpoint: http://127.0.0.1:{taken} (not answering)"
 
-    alone = start_beside_writer(dataclasses.replace(config, sql_users="", sql_port=_free_port()))
+    alone = start_beside_writer(dataclasses.replace(config, sql_users="", sql_port=free_port()))
     assert alone is not None
     try:
         assert get(alone, query="SELECT 1", auth=admin_auth(config)).text == "1\n"

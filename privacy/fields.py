@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from privacy.seal import SealError, seal, token_key_id, unseal
 from schemas.envelope import SEALED_PREFIX
@@ -56,9 +57,10 @@ def seal_event(event: dict[str, Any], key_id: str, data_key: bytes) -> dict[str,
     birthday = payload.get("birthday")
     if isinstance(birthday, str) and not is_sealed(birthday):
         payload["birth_month"] = int(birthday[5:7])  # ISO date, as the submitted model wrote it
+    cipher = AESGCMSIV(data_key)
     for name, value in values.items():
         if not is_sealed(value):
-            payload[name] = seal(data_key, key_id, context(str(event["event_id"]), name), orjson.dumps(value))
+            payload[name] = seal(data_key, key_id, context(str(event["event_id"]), name), orjson.dumps(value), cipher)
     return {**event, "payload": payload}
 
 

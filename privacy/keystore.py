@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from privacy.seal import SealError, new_key, new_key_id, unwrap, wrap
+from privacy.seal import KeyMaker, SealError, unwrap, wrap
 from privacy.secrets import MasterKeyring
 from streams import topics
 
@@ -74,8 +74,9 @@ class KeyStore:
         partitions = [TopicPartition(self._topic, p) for p in range(topics.CUSTOMER_KEYS.partitions)]
         self._consumer.assign(partitions)
         self._consumer.seek_to_beginning(*partitions)
+        # Batches as large as a bulk edge's key writes (an import makes tens of thousands at once).
         self._producer = KafkaProducer(bootstrap_servers=self._bootstrap, acks="all", linger_ms=5,
-                                       compression_type="zstd")
+                                       batch_size=256 * 1024, compression_type="zstd")
         self.catch_up()
         if follow:
             self._follower = threading.Thread(target=self._follow, name="keystore-follower", daemon=True)
@@ -144,24 +145,26 @@ class KeyStore:
         are written and acknowledged before this returns, so no token exists under a key that a crash
         could lose."""
         found: dict[str, tuple[str, bytes]] = {}
-        created = False
         with self._lock:
+            missing = []
             for customer_key in set(customer_keys):
                 key_id = self._current.get(customer_key)
-                if key_id is not None:
+                if key_id is None:
+                    missing.append(customer_key)
+                else:
                     found[customer_key] = (key_id, self.data_key(key_id))  # type: ignore[assignment]
-                    continue
-                master_id, master = self._keyring.current
-                key_id, key = new_key_id(), new_key()
+            if not missing:
+                return found
+            master_id, master = self._keyring.current
+            maker = KeyMaker(master)
+            for customer_key, (key_id, key, nonce) in zip(missing, maker.new_keys(len(missing))):
                 record = WrappedKey(key_id, customer_key, master_id,
-                                    wrap(master, key, _wrap_context(key_id, customer_key)), time.time())
+                                    maker.wrap(key, _wrap_context(key_id, customer_key), nonce), time.time())
                 self._producer.send(self._topic, key=key_id.encode(), value=record.to_value())  # type: ignore[union-attr]
                 self._remember(record)
                 self._plain[key_id] = key
                 found[customer_key] = (key_id, key)
-                created = True
-            if created:
-                self._producer.flush()  # type: ignore[union-attr]
+            self._producer.flush()  # type: ignore[union-attr]
         return found
 
     def shred(self, key_ids: Iterable[str]) -> None:

@@ -10,7 +10,6 @@ only that two plaintexts under one key and context are equal."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
 
@@ -35,10 +34,11 @@ def new_key_id() -> str:
     return os.urandom(16).hex()
 
 
-def seal(data_key: bytes, key_id: str, context: str, plaintext: bytes) -> str:
+def seal(data_key: bytes, key_id: str, context: str, plaintext: bytes, cipher: AESGCMSIV | None = None) -> str:
+    """`cipher`, AESGCMSIV(data_key) made once by a caller that seals several values under one key."""
     aad = context.encode()
-    nonce = hmac.new(data_key, b"nonce|" + aad, hashlib.sha256).digest()[:NONCE_BYTES]
-    sealed = nonce + AESGCMSIV(data_key).encrypt(nonce, plaintext, aad)
+    nonce = hmac.digest(data_key, b"nonce|" + aad, "sha256")[:NONCE_BYTES]
+    sealed = nonce + (cipher or AESGCMSIV(data_key)).encrypt(nonce, plaintext, aad)
     return f"{SEALED_PREFIX}{key_id}.{_b64(sealed)}"
 
 
@@ -62,8 +62,28 @@ def unseal(data_key: bytes, token: str, context: str) -> bytes:
 
 def wrap(master_key: bytes, data_key: bytes, context: str) -> str:
     """A data key encrypted under a master key (AES-256-GCM, random nonce), bound to its context."""
-    nonce = os.urandom(NONCE_BYTES)
-    return _b64(nonce + AESGCM(master_key).encrypt(nonce, data_key, context.encode()))
+    return KeyMaker(master_key).wrap(data_key, context, os.urandom(NONCE_BYTES))
+
+
+class KeyMaker:
+    """Makes many data keys under one master key: their ids, keys and wrapping nonces from one read
+    of the system's randomness. A read per value costs a system call that hands the GIL to the
+    producer's thread and waits to get it back: in a bulk edge (`crm import`) that was a third of
+    the time spent making keys."""
+
+    def __init__(self, master_key: bytes):
+        self.cipher = AESGCM(master_key)
+
+    def new_keys(self, count: int) -> list[tuple[str, bytes, bytes]]:
+        """`count` fresh (key id, data key, nonce to wrap it with)."""
+        size = 16 + KEY_BYTES + NONCE_BYTES
+        raw = os.urandom(count * size)
+        return [(raw[at:at + 16].hex(), raw[at + 16:at + 16 + KEY_BYTES], raw[at + 16 + KEY_BYTES:at + size])
+                for at in range(0, count * size, size)]
+
+    def wrap(self, data_key: bytes, context: str, nonce: bytes) -> str:
+        """As `wrap`, with a nonce of `new_keys` (never one used before)."""
+        return _b64(nonce + self.cipher.encrypt(nonce, data_key, context.encode()))
 
 
 def unwrap(master_key: bytes, wrapped: str, context: str) -> bytes:
@@ -77,7 +97,7 @@ def unwrap(master_key: bytes, wrapped: str, context: str) -> bytes:
 def keyed_hash(secret: bytes, value: str) -> str:
     """HMAC-SHA256 of a normalised identifier (phone, e-mail): links identities without being
     reversible by anyone who lacks the secret, unlike a plain hash and a dictionary."""
-    return hmac.new(secret, value.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(secret, value.encode(), "sha256").hex()
 
 
 def _b64(raw: bytes) -> str:

@@ -103,9 +103,10 @@ class PurchaseCompleted(Model):
 
     @model_validator(mode="after")
     def _sums_within_limits(self) -> PurchaseCompleted:
-        if self.subtotal > MAX_AMOUNT:
-            raise ValueError(f"the lines sum to {self.subtotal}, more than the limit of {MAX_AMOUNT}")
-        if self.discount > self.subtotal:
+        subtotal = self.subtotal
+        if subtotal > MAX_AMOUNT:
+            raise ValueError(f"the lines sum to {subtotal}, more than the limit of {MAX_AMOUNT}")
+        if self.discount > subtotal:
             raise ValueError("discount exceeds the sum of the lines")
         return self
 

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from privacy.secrets import identity_secret
 from services.importer import readers, report, send
 from services.importer.build import Reject, Tally
 from services.importer.mapping import Mapping, MappingError, load
-from services.importer.plan import Stopped, build, stream_digest
+from services.importer.plan import Part, Stopped, build, stream_digest
 from services.importer.progress import ImportBusy, ImportFolder, StreamProgress
 from services.ingest.sealing import Sealer
 from streams import topics
@@ -189,48 +190,89 @@ def run(mapping_path: Path, settings: Settings, options: Options, console: Conso
 def work(job: Job, signals: Signals) -> Work:
     """Build the job's partitions and, unless it is a dry run, send each one's unacknowledged rest."""
     options, settings = job.options, job.settings
-    try:
-        with _collector_off():
-            part = build(job.mapping, settings.phone_region, job.partitions, job.owned, identity_secret(settings.state_dir),
-                         signals.rows if job.index == 0 else (lambda rows: None), signals.stopped)
-    except (KeyboardInterrupt, Stopped):
-        return Work("interrupted")
-    done = Work("built" if options.dry_run else "sent", part.files, part.rejects,
-                sum(len(stream) for stream in part.streams.values()),
-                len({event.key for stream in part.streams.values() for event in stream}))
-    if options.dry_run:
-        return done
-    folder = ImportFolder(settings.state_dir, job.mapping.import_id)
-    progresses = {partition: _progress(folder, partition, stream, options.resend, done)
-                  for partition, stream in part.streams.items()}
-    done.earlier = done.acknowledged = sum(progress.acknowledged for progress in progresses.values())
-    signals.planned(done.events - done.earlier)  # what this run has to send
-    producer = send.producer(settings.kafka_bootstrap)
-    # Personal fields are sealed as they are sent, under keys of the key store (crm.customer-keys),
-    # which this process opens after the fork (its threads and sockets are its own). Its partitions'
-    # customers are its own, so it need not follow the keys the other processes make.
-    sealer = Sealer.open(settings, follow=False)
-    try:
+    with _opened_meanwhile(settings, wanted=not options.dry_run) as opened:
+        try:
+            part = _built(job, signals)
+        except (KeyboardInterrupt, Stopped):
+            return Work("interrupted")
+        try:
+            done = Work("built" if options.dry_run else "sent", part.files, part.rejects,
+                        sum(len(stream) for stream in part.streams.values()),
+                        len({event.key for stream in part.streams.values() for event in stream}))
+            if options.dry_run:
+                return done
+            folder = ImportFolder(settings.state_dir, job.mapping.import_id)
+            progresses = {partition: _progress(folder, partition, stream, options.resend, done)
+                          for partition, stream in part.streams.items()}
+            done.earlier = done.acknowledged = sum(progress.acknowledged for progress in progresses.values())
+            signals.planned(done.events - done.earlier)  # what this run has to send
+            producer, sealer = opened()
+            try:
+                send.send_streams(producer, [send.Stream(partition, part.streams[partition], progress.acknowledged,
+                                                         _recorder(folder, progress, signals, done))
+                                             for partition, progress in sorted(progresses.items())],
+                                  signals.stopped, options.crash_after, sealer)
+            except Stopped:
+                done.status = "interrupted"
+            return done
+        finally:
+            gc.unfreeze()
+
+
+def _built(job: Job, signals: Signals) -> Part:
+    """The job's partitions' streams, built with the collector off, then set aside from it."""
+    with _collector_off():
+        part = build(job.mapping, job.settings.phone_region, job.partitions, job.owned,
+                     identity_secret(job.settings.state_dir), signals.rows if job.index == 0 else (lambda rows: None),
+                     signals.stopped)
         gc.freeze()
-        send.send_streams(producer, [send.Stream(partition, part.streams[partition], progress.acknowledged,
-                                                 _recorder(folder, progress, signals, done))
-                                     for partition, progress in sorted(progresses.items())],
-                          signals.stopped, options.crash_after, sealer)
-    except Stopped:
-        done.status = "interrupted"
-    finally:
-        gc.unfreeze()
-        sealer.close()
+    return part
+
+
+@contextmanager
+def _opened_meanwhile(settings: Settings, wanted: bool) -> Iterator[Callable[[], tuple[KafkaProducer, Sealer]]]:
+    """A function that gives the producer and the sealer (over the key store, crm.customer-keys),
+    which a thread opens meanwhile: opening waits for Kafka, building waits for nothing. Both are
+    closed at the end, whatever happened. They are opened in this process (after a fork: its
+    threads and sockets are its own); its partitions' customers are its own, so the key store need
+    not follow the keys other processes make."""
+    if not wanted:
+        yield _not_opened
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="import-open") as background:
+        opening = background.submit(_open_for_sending, settings)
+        try:
+            yield opening.result
+        finally:
+            try:
+                producer, sealer = opening.result()
+            except Exception:
+                pass  # nothing opened: the error reached whoever asked for them, or a building error stands
+            else:
+                sealer.close()
+                _close(producer)
+
+
+def _not_opened() -> tuple[KafkaProducer, Sealer]:
+    raise RuntimeError("a dry run opens no producer")
+
+
+def _open_for_sending(settings: Settings) -> tuple[KafkaProducer, Sealer]:
+    producer = send.producer(settings.kafka_bootstrap)
+    try:
+        return producer, Sealer.open(settings, follow=False)
+    except BaseException:
         _close(producer)
-    return done
+        raise
 
 
 @contextmanager
 def _collector_off() -> Iterator[None]:
     """Python's cyclic garbage collector walks every object kept so far each time its oldest
     generation grows by a quarter, and building keeps every row and event: off while building (a
-    sixth of the time), as it was afterwards. While sending, what was built is set aside
-    (gc.freeze), so that collections pass it by; `work` returns it at the end (gc.unfreeze)."""
+    sixth of the time). What was built is then set aside (gc.freeze) before the collector is on
+    again: otherwise its first collection walks all of it (a twentieth of a worker's time).
+    `work` gives it back at the end (gc.unfreeze)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -333,9 +375,12 @@ def _in_processes(workers: Workers, jobs: list[Job], signals: Signals) -> list[W
     seen = dict.fromkeys(shared.counts, 0)
     while True:
         try:
-            time.sleep(0.2)
+            # Woken by the first unfinished job's end, so that the import ends when its last job does.
+            next(result for result in results if not result.ready()).wait(0.2)
         except KeyboardInterrupt:
             shared.stop.set()
+        except StopIteration:
+            pass
         if any(result.ready() and not result.successful() for result in results):
             shared.stop.set()
         now = {name: counter.value for name, counter in shared.counts.items()}

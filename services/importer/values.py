@@ -52,6 +52,11 @@ class Format:
         self.true_values = tuple(value.casefold() for value in self.true_values)
         self.false_values = tuple(value.casefold() for value in self.false_values)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Without its caches, which hold hundreds of kilobytes once a file was read: a Format
+        crosses between processes (an import's worker sends back its tallies and rejects)."""
+        return {**self.__dict__, "_moments": {}, "_patterns": {}}
+
     def text(self, cell: Any) -> str | None:
         """The cell as stripped text; None when empty. Whole floats lose their ".0" (a Parquet
         float column of ids), dates and timestamps are ISO 8601, other values their str()."""

@@ -110,3 +110,13 @@ def test_the_fast_date_reader_reads_every_formatted_date_as_strptime_does(patter
 def test_the_fast_date_reader_refuses_what_strptime_refuses(pattern, text):
     ours, theirs = _both(pattern, text)
     assert ours == theirs
+
+
+def test_a_format_crosses_to_another_process_without_the_timestamps_it_cached():
+    import pickle
+
+    reading = Format(timezone="Europe/Berlin")
+    moments = [reading.moment(f"2024-03-{day:02d}T10:00:00", "occurred_at") for day in range(1, 29)]
+    copy = pickle.loads(pickle.dumps(reading))
+    assert len(pickle.dumps(reading)) < 1000
+    assert [copy.moment(f"2024-03-{day:02d}T10:00:00", "occurred_at") for day in range(1, 29)] == moments

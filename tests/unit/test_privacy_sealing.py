@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from privacy.fields import REDACTED, KeyUnavailable, key_ids, redact, seal_event, unseal_event, unsealed_fields
-from privacy.seal import SealError, keyed_hash, new_key, new_key_id, seal, unseal, unwrap, wrap
+from privacy.seal import KeyMaker, SealError, keyed_hash, new_key, new_key_id, seal, unseal, unwrap, wrap
 from privacy.secrets import MasterKeyring, identity_secret, master_keyring
 from schemas.codec import DecodeError, decode_event, to_json_dict
 from schemas.events import personal_payload_fields, submitted_model
@@ -94,6 +94,23 @@ def test_a_data_key_unwraps_only_under_its_master_key_and_context():
         unwrap(other, wrapped, "k|c-1")
     with pytest.raises(SealError):
         unwrap(master, wrapped, "k|c-2")
+
+
+def test_keys_made_in_bulk_are_distinct_and_each_unwraps_under_its_own_context():
+    master = new_key()
+    maker = KeyMaker(master)
+    made = maker.new_keys(50)
+    assert len({key_id for key_id, _, _ in made}) == len({key for _, key, _ in made}) == 50
+    assert len({nonce for _, _, nonce in made}) == 50
+    assert all(len(key_id) == 32 and len(key) == 32 for key_id, key, _ in made)
+    for key_id, key, nonce in made[:5]:
+        assert unwrap(master, maker.wrap(key, f"{key_id}|c-1", nonce), f"{key_id}|c-1") == key
+
+
+def test_a_seal_is_the_same_with_or_without_a_cipher_made_for_its_key():
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
+
+    assert seal(KEY, KEY_ID, "e-1/payload.name", b'"Ada"', AESGCMSIV(KEY)) == seal(KEY, KEY_ID, "e-1/payload.name", b'"Ada"')
 
 
 def test_identity_hashes_are_keyed_so_a_dictionary_of_plain_hashes_does_not_reverse_them():

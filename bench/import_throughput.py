@@ -11,10 +11,12 @@ line item, refunds, points balances; CSV the German way by default). Then:
 
 (a) raw: the import's events, built beforehand (keys and values in memory, personal fields sealed
     beforehand with keys derived offline, so the records are the size the import sends), produced by one
-    kafka-python producer with the importer's settings (acks=all, idempotent, zstd, linger 20 ms,
-    512 KiB batches), to their partitions, 500 of each partition in turn as the importer sends
-    them, and flushed: a plain producer of ready-made events at its best (the events set aside from
-    the garbage collector, gc.freeze, as the importer sets aside what it built);
+    kafka-python producer with the settings the importer had until it moved to librdkafka (acks=all,
+    idempotent, zstd, linger 20 ms, 512 KiB batches), to their partitions, 500 of each partition in turn
+    as the importer sends them, and flushed: a plain producer of ready-made events at its best (the
+    events set aside from the garbage collector, gc.freeze, as the importer sets aside what it built).
+    The baseline of every ratio in BENCHMARKS.md; (a') the same with the importer's own producer
+    (services/importer/bulk_producer.py, librdkafka, the same settings);
 (b) import: `services.importer.run.run` as `crm import` runs it (one worker process per core, each
     reading the files, building, validating and sorting its partitions' events and sending them,
     sealing the registrations' personal fields under data keys it creates in crm.customer-keys, one
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -58,12 +61,19 @@ def interleaved(streams: dict[int, list], chunk: int = 500) -> list[tuple[int, A
     return order
 
 
-def raw_produce(bootstrap: str, records: list[tuple[int, Any]]) -> float:
-    """Seconds to hand every (partition, event) to the importer's producer until all are acknowledged."""
-    from services.importer.send import producer
+def kafka_python_producer(bootstrap: str) -> Any:
+    from kafka import KafkaProducer
+
+    return KafkaProducer(bootstrap_servers=bootstrap, client_id="crm-import", acks="all", enable_idempotence=True,
+                         linger_ms=20, batch_size=512 * 1024, compression_type="zstd")
+
+
+def raw_produce(bootstrap: str, records: list[tuple[int, Any]], make: Callable[[str], Any] = kafka_python_producer
+                ) -> float:
+    """Seconds to hand every (partition, event) to a producer `make` gives until all are acknowledged."""
     from streams import topics
 
-    client = producer(bootstrap)
+    client = make(bootstrap)
     gc.freeze()  # as the importer does: collections pass the events in memory by
     try:
         started = time.perf_counter()
@@ -133,8 +143,15 @@ def main() -> int:
         written = topic_size(config.kafka_bootstrap, topic) - before
         assert written == count, f"the raw producer wrote {written} records, not {count}"
         rate_raw = count / seconds_raw
-        print(f"(a) raw KafkaProducer, pre-encoded: {rate_raw:,.0f} events/s ({seconds_raw:.1f} s); "
+        print(f"(a) raw kafka-python producer, pre-encoded: {rate_raw:,.0f} events/s ({seconds_raw:.1f} s); "
               f"load average {load()}", flush=True)
+        from services.importer.send import producer as importers_producer
+        before = topic_size(config.kafka_bootstrap, topic)
+        seconds_own = raw_produce(config.kafka_bootstrap, events, importers_producer)
+        written = topic_size(config.kafka_bootstrap, topic) - before
+        assert written == count, f"the importer's producer wrote {written} records, not {count}"
+        print(f"(a') raw importer's producer (librdkafka), pre-encoded: {count / seconds_own:,.0f} events/s "
+              f"({seconds_own:.1f} s)", flush=True)
         del planned, events
 
         console = Console(stderr=True)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -68,15 +69,16 @@ class KeyStore:
 
     # --- life cycle ---
 
-    def open(self, follow: bool = True) -> KeyStore:
+    def open(self, follow: bool = True, producer: Any = None) -> KeyStore:
+        """`producer`: one that writes the key records instead of a kafka-python producer of its own,
+        with kafka-python's `send`, `flush` and `close` (a bulk edge's faster one); closed with the store."""
         self._consumer = KafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False,
                                        group_id=None, auto_offset_reset="earliest", consumer_timeout_ms=0)
         partitions = [TopicPartition(self._topic, p) for p in range(topics.CUSTOMER_KEYS.partitions)]
         self._consumer.assign(partitions)
         self._consumer.seek_to_beginning(*partitions)
-        # Batches as large as a bulk edge's key writes (an import makes tens of thousands at once).
-        self._producer = KafkaProducer(bootstrap_servers=self._bootstrap, acks="all", linger_ms=5,
-                                       batch_size=256 * 1024, compression_type="zstd")
+        self._producer = producer or KafkaProducer(bootstrap_servers=self._bootstrap, acks="all", linger_ms=5,
+                                                   compression_type="zstd")
         self.catch_up()
         if follow:
             self._follower = threading.Thread(target=self._follow, name="keystore-follower", daemon=True)

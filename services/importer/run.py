@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn, \
@@ -38,6 +37,7 @@ from rich.text import Text
 from privacy.secrets import identity_secret
 from services.importer import readers, report, send
 from services.importer.build import Reject, Tally
+from services.importer.bulk_producer import BulkProducer
 from services.importer.mapping import Mapping, MappingError, load
 from services.importer.plan import Part, Stopped, build, stream_digest
 from services.importer.progress import ImportBusy, ImportFolder, StreamProgress
@@ -230,7 +230,7 @@ def _built(job: Job, signals: Signals) -> Part:
 
 
 @contextmanager
-def _opened_meanwhile(settings: Settings, wanted: bool) -> Iterator[Callable[[], tuple[KafkaProducer, Sealer]]]:
+def _opened_meanwhile(settings: Settings, wanted: bool) -> Iterator[Callable[[], tuple[BulkProducer, Sealer]]]:
     """A function that gives the producer and the sealer (over the key store, crm.customer-keys),
     which a thread opens meanwhile: opening waits for Kafka, building waits for nothing. Both are
     closed at the end, whatever happened. They are opened in this process (after a fork: its
@@ -253,14 +253,15 @@ def _opened_meanwhile(settings: Settings, wanted: bool) -> Iterator[Callable[[],
                 _close(producer)
 
 
-def _not_opened() -> tuple[KafkaProducer, Sealer]:
+def _not_opened() -> tuple[BulkProducer, Sealer]:
     raise RuntimeError("a dry run opens no producer")
 
 
-def _open_for_sending(settings: Settings) -> tuple[KafkaProducer, Sealer]:
+def _open_for_sending(settings: Settings) -> tuple[BulkProducer, Sealer]:
     producer = send.producer(settings.kafka_bootstrap)
     try:
-        return producer, Sealer.open(settings, follow=False)
+        # A data key per new customer, tens of thousands at once: written with the import's producer too.
+        return producer, Sealer.open(settings, follow=False, producer=send.producer(settings.kafka_bootstrap))
     except BaseException:
         _close(producer)
         raise
@@ -324,7 +325,7 @@ def _outcome(mapping: Mapping, folder: ImportFolder, works: list[Work], options:
     return outcome
 
 
-def _dead_letters(producer: KafkaProducer, folder: ImportFolder, outcome: Outcome,
+def _dead_letters(producer: BulkProducer, folder: ImportFolder, outcome: Outcome,
                   rows: dict[tuple[str, int], bytes], resend: bool) -> int:
     """Send the rejects, unless these very rejects went before (and no resend was asked for)."""
     digest = report.rejects_digest(outcome.rejects)
@@ -404,7 +405,7 @@ def _work_in_process(job: Job) -> Work:
     return work(job, _signals)
 
 
-def _close(producer: KafkaProducer) -> None:
+def _close(producer: BulkProducer) -> None:
     try:
         producer.close(timeout=10)
     except KafkaTimeoutError:

@@ -1,5 +1,6 @@
 """Partitions' planned streams to `crm.events`, and the rejected rows to the dead-letter topic, with
-kafka-python: acks=all, idempotent, zstd-compressed batches, keyed by customer key, to the partition
+the import's producer (bulk_producer.py, librdkafka): acks=all, idempotent, zstd-compressed batches,
+keyed by customer key, to the partition
 the default partitioner gives that key (build.partition_of: murmur2, as `crm produce` and the
 ingestion API's producers choose it). Events with personal values are sealed as they are handed over
 (services/ingest/sealing.py), one key store call per chunk; sealing is deterministic, so a resumed or
@@ -19,10 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
-from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 
 from services.importer.build import Planned, Reject
+from services.importer.bulk_producer import BulkProducer
 from services.importer.mapping import EventsSpec, SourceFile
 from services.ingest.sealing import Sealer
 from schemas.events import personal_payload_fields
@@ -30,8 +31,10 @@ from services.importer.plan import Stopped
 from streams import topics
 
 # Records of a stream handed over between two of its progress points (a fiftieth of the stream,
-# within these bounds); one chunk of each stream is in flight while its next is handed over.
+# within these bounds). Up to IN_FLIGHT_CHUNKS of each stream await Kafka's acknowledgement while
+# its next is handed over: with one, the producer mostly waited for the broker's answers.
 CHUNK_EVENTS = (100, 500)
+IN_FLIGHT_CHUNKS = 4
 ACK_TIMEOUT_SECONDS = 120
 INTERRUPT_FLUSH_SECONDS = 30
 # Kafka refuses records over a megabyte: a longer original row keeps its head (as the API does).
@@ -39,9 +42,8 @@ MAX_DEAD_LETTER_BYTES = 900 * 1024
 DEAD_LETTER_REASON = "import_row_invalid"
 
 
-def producer(bootstrap: str) -> KafkaProducer:
-    return KafkaProducer(bootstrap_servers=bootstrap, client_id="crm-import", acks="all", enable_idempotence=True,
-                         linger_ms=20, batch_size=512 * 1024, compression_type="zstd")
+def producer(bootstrap: str) -> BulkProducer:
+    return BulkProducer(bootstrap)
 
 
 def dead_letter_headers(reject: Reject, import_id: str, refused_ms: int, size: int) -> list[tuple[str, bytes]]:
@@ -74,7 +76,7 @@ def may_hold_personal_data(source: SourceFile) -> bool:
     return isinstance(spec, EventsSpec) and bool(personal_payload_fields(spec.type))
 
 
-def send_dead_letters(producer: KafkaProducer, rejects: Sequence[Reject], originals: dict[tuple[str, int], bytes],
+def send_dead_letters(producer: BulkProducer, rejects: Sequence[Reject], originals: dict[tuple[str, int], bytes],
                       import_id: str, refused_ms: int) -> None:
     """Every reject with its original row bytes; returns once Kafka acknowledged all of them. The
     dead-letter topic is kept forever and cannot be erased per customer: a row of a file that may
@@ -110,7 +112,7 @@ class Stream:
         return min(max(len(self.events) // 50, low), high)
 
 
-def send_streams(producer: KafkaProducer, streams: list[Stream], stopped: Callable[[], bool] = lambda: False,
+def send_streams(producer: BulkProducer, streams: list[Stream], stopped: Callable[[], bool] = lambda: False,
                  crash_after: int | None = None, sealer: Sealer | None = None) -> int:
     """Send each stream's events[start:] to its partition of crm.events, a chunk of each in turn
     (kafka-python sends one partition's long run of records at half the rate); returns how many
@@ -143,9 +145,12 @@ def send_streams(producer: KafkaProducer, streams: list[Stream], stopped: Callab
                     for e, value in zip(chunk, _values(chunk, sealer))]))
                 positions[stream.partition] = begin + len(chunk)
                 handed += len(chunk)
-                while len(stream.in_flight) > 1:
+                while len(stream.in_flight) > IN_FLIGHT_CHUNKS:
                     _settle(stream.in_flight.popleft(), stream.on_acknowledged)
                 if crash_after is not None and handed >= crash_after:
+                    for each in streams:
+                        while len(each.in_flight) > 1:
+                            _settle(each.in_flight.popleft(), each.on_acknowledged)
                     os.kill(os.getpid(), signal.SIGKILL)
         producer.flush()
         for stream in streams:
@@ -179,7 +184,7 @@ def _settle(chunk: tuple[int, list], on_acknowledged: Callable[[int], None]) -> 
     on_acknowledged(end)
 
 
-def _settle_arrived(producer: KafkaProducer, streams: list[Stream]) -> None:
+def _settle_arrived(producer: BulkProducer, streams: list[Stream]) -> None:
     """After an interrupt: per stream, the chunks Kafka acknowledged in full within a short wait, in order."""
     try:
         producer.flush(INTERRUPT_FLUSH_SECONDS)

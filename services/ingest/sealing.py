@@ -58,15 +58,15 @@ class Sealer:
         self.store = store  # the KeyStore behind `keys_for`, when there is one (others may read it)
 
     @classmethod
-    def open(cls, settings: Any, follow: bool = True) -> Sealer:
+    def open(cls, settings: Any, follow: bool = True, producer: Any = None) -> Sealer:
         """Over the stack's key store (it reads crm.customer-keys to its end first) and secrets.
         `follow=False` for a short-lived sender whose customers no other process makes keys for at
         the same time (one `crm import` process per partition): it skips reading every other
-        process's new keys back."""
+        process's new keys back. `producer` writes the new keys (KeyStore.open)."""
         from privacy.keystore import KeyStore
         from privacy.secrets import identity_secret, master_keyring
 
-        store = KeyStore(settings.kafka_bootstrap, master_keyring(settings.state_dir)).open(follow=follow)
+        store = KeyStore(settings.kafka_bootstrap, master_keyring(settings.state_dir)).open(follow=follow, producer=producer)
         return cls(store.keys_for, identity_secret(settings.state_dir), store.close, store)
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ SEALER = Sealer(offline_keys(b"test-data-keys"), SECRET)
 def secrets_without_kafka(monkeypatch):
     """The import hashes under SECRET and seals with keys derived offline (no key store)."""
     monkeypatch.setenv("CRM_IDENTITY_SECRET", base64.b64encode(SECRET).decode())
-    monkeypatch.setattr(Sealer, "open", classmethod(lambda cls, settings, follow=True: SEALER))
+    monkeypatch.setattr(Sealer, "open", classmethod(lambda cls, settings, follow=True, producer=None: SEALER))
 
 
 def on_the_wire(event) -> bytes:

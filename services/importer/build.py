@@ -141,12 +141,17 @@ class Sheet:
             found = {name: text for name, position in self.single if (text := record[position].strip())}
         else:
             found = {}
-            for name, position in self.single:
+            for name, position in self.single:  # values.empty, inline: its call per cell was a third of this
                 cell = record[position]
+                if cell is None:
+                    continue
                 if type(cell) is str:
                     cell = cell.strip()
-                if not empty(cell):
-                    found[name] = cell
+                    if not cell:
+                        continue
+                elif isinstance(cell, float) and cell != cell:  # NaN
+                    continue
+                found[name] = cell
         text_of = self.source.formats.text
         for name, positions in self.joined:
             if text := " ".join(part for position in positions if (part := text_of(record[position]))):

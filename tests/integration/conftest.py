@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streams.config import PROJECT_ROOT, Settings, settings
 
@@ -48,6 +48,24 @@ def settings_for(env: dict[str, str]) -> Settings:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def records_on(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of `topic`, from its start to the end it had when this was called, partition by
+    partition (kafka-python ConsumerRecords: key, value, headers, partition, offset)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=2000)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        found: list[Any] = []
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            for records in consumer.poll(timeout_ms=2000).values():
+                found.extend(record for record in records if record.offset < ends[TopicPartition(topic, record.partition)])
+        return found
+    finally:
+        consumer.close()
 
 
 def worker_command() -> list[str]:

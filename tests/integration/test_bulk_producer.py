@@ -7,12 +7,13 @@ import os
 import uuid
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaTimeoutError
 
 from services.importer.build import partition_of
 from services.importer.bulk_producer import BulkProducer, DeliveryFailed
+from tests.integration.conftest import records_on
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +32,10 @@ def topic(stack):
 
 
 def records_of(stack, topic: str) -> dict[int, list[tuple[bytes, bytes, list]]]:
-    consumer = KafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, consumer_timeout_ms=3000,
-                             auto_offset_reset="earliest", enable_auto_commit=False)
-    try:
-        consumer.assign([TopicPartition(topic, p) for p in range(3)])
-        found: dict[int, list] = {}
-        for record in consumer:
-            found.setdefault(record.partition, []).append((record.key, record.value, record.headers))
-        return found
-    finally:
-        consumer.close()
+    found: dict[int, list] = {}
+    for record in records_on(stack.settings.kafka_bootstrap, topic):
+        found.setdefault(record.partition, []).append((record.key, record.value, record.headers))
+    return found
 
 
 def test_records_keep_their_order_per_partition_and_every_future_reports_its_acknowledgement(stack, topic):

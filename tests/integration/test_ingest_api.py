@@ -11,38 +11,29 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import orjson
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from privacy.secrets import identity_secret
 from streams import topics
 from tests.factories import submitted as event  # the API takes what producers submit: personal values plain
+from tests.integration.conftest import records_on
 
 pytestmark = pytest.mark.integration
 
 
 def on_topic(stack, topic: str, wanted: set[str]) -> dict[str, list]:
     """Records of `topic` whose event_id (or dead-letter request id) is in `wanted`, by that id."""
-    consumer = KafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_auto_commit=False,
-                             consumer_timeout_ms=2000)
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    ends = consumer.end_offsets(partitions)
     found: dict[str, list] = {}
-    while any(consumer.position(tp) < ends[tp] for tp in partitions):
-        for records in consumer.poll(timeout_ms=2000).values():
-            for record in records:
-                try:
-                    body = orjson.loads(record.value)
-                except orjson.JSONDecodeError:
-                    body = {}
-                ident = body.get("event_id") if isinstance(body, dict) else None
-                ident = ident if isinstance(ident, str) else None
-                headers = dict(record.headers or [])
-                for candidate in (ident, headers.get("crm.dlq.api.request_id", b"").decode()):
-                    if candidate in wanted:
-                        found.setdefault(candidate, []).append((record, body))
-    consumer.close()
+    for record in records_on(stack.settings.kafka_bootstrap, topic):
+        try:
+            body = orjson.loads(record.value)
+        except orjson.JSONDecodeError:
+            body = {}
+        ident = body.get("event_id") if isinstance(body, dict) else None
+        ident = ident if isinstance(ident, str) else None
+        headers = dict(record.headers or [])
+        for candidate in (ident, headers.get("crm.dlq.api.request_id", b"").decode()):
+            if candidate in wanted:
+                found.setdefault(candidate, []).append((record, body))
     return found
 
 

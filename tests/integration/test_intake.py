@@ -10,13 +10,12 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from schemas.codec import decode_event
 from schemas.envelope import Envelope
 from streams import topics
 from tests.factories import submitted
-from tests.integration.conftest import CrmProcess
+from tests.integration.conftest import CrmProcess, records_on
 
 pytestmark = pytest.mark.integration
 
@@ -32,18 +31,7 @@ def intake(stack):
 
 
 def records_of(stack, topic: str) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_auto_commit=False,
-                             consumer_timeout_ms=2000)
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    ends = consumer.end_offsets(partitions)
-    found = []
-    while any(consumer.position(tp) < ends[tp] for tp in partitions):
-        for batch in consumer.poll(timeout_ms=2000).values():
-            found.extend(batch)
-    consumer.close()
-    return found
+    return records_on(stack.settings.kafka_bootstrap, topic)
 
 
 def with_event_ids(records: list, wanted: set[str]) -> dict[str, list]:

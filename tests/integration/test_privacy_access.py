@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from streams import topics
 from streams.config import PROJECT_ROOT
+from tests.integration.conftest import records_on
 from tests.integration.test_sql_http import writer_endpoint  # noqa: F401 (fixture: `crm` in another process reads through it)
 
 pytestmark = pytest.mark.integration
@@ -59,18 +59,8 @@ def crm(*argv: str) -> subprocess.CompletedProcess:
 
 
 def audit_records(stack, customer_key: str) -> list[dict]:
-    consumer = KafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_auto_commit=False,
-                             consumer_timeout_ms=2000)
-    partitions = [TopicPartition(topics.AUDIT.name, p) for p in consumer.partitions_for_topic(topics.AUDIT.name)]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    ends = consumer.end_offsets(partitions)
-    found = []
-    while any(consumer.position(tp) < ends[tp] for tp in partitions):
-        for records in consumer.poll(timeout_ms=2000).values():
-            found += [orjson.loads(r.value) for r in records]
-    consumer.close()
-    return [r for r in found if r.get("customer_key") == customer_key]
+    found = [orjson.loads(record.value) for record in records_on(stack.settings.kafka_bootstrap, topics.AUDIT.name)]
+    return [record for record in found if record.get("customer_key") == customer_key]
 
 
 def audited(stack, customer_key: str, **wanted) -> list[dict]:

@@ -101,6 +101,8 @@ class Format:
     def integer(self, cell: Any, name: str) -> int:
         if type(cell) is str and cell.isascii() and cell.isdigit():
             return int(cell)  # the usual case, twenty times faster than the general one below
+        if type(cell) is int:  # a JSON or Parquet integer (not a boolean, whose type is bool)
+            return cell
         number = self.decimal(cell, name)
         if number != number.to_integral_value():
             raise RowError("unparseable_number", f"{name}: {cell!r} is not a whole number")

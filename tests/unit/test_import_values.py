@@ -39,7 +39,7 @@ def test_typed_cells_from_json_and_parquet_are_read_as_they_are():
     plain = Format()
     assert plain.money(19.99, "price") == Decimal("19.99")
     assert plain.money(Decimal("7.1"), "price") == Decimal("7.10")
-    assert plain.integer(3.0, "quantity") == 3
+    assert plain.integer(3.0, "quantity") == plain.integer(3, "quantity") == plain.integer(" 3 ", "quantity") == 3
     assert reason(lambda: plain.integer(2.5, "quantity")) == "unparseable_number"
     assert reason(lambda: plain.integer(True, "quantity")) == "unparseable_number"
     assert plain.text(10001.0) == "10001"

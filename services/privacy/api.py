@@ -26,7 +26,7 @@ from services.ingest.problems import ErrorBody, Problem
 from services.ingest.keys import ApiKey
 from services.privacy import audit
 from services.privacy.access import Gone, Reader, TokenRejected, UnknownCustomer, dumps
-from services.privacy.erasure import erasure_event
+from services.privacy.erasure import erasure_event, shred_keys_of
 from services.privacy.reader import NoReader, sql_client
 from services.privacy.roles import may, refusal, role_of
 from streams import topics
@@ -202,5 +202,10 @@ async def erase(request: Request, customer_key: str) -> JSONResponse:
                                           f"{detail} not written: {exc!r}"))
         raise Problem(503, "kafka_unavailable", f"the erasure request was not written: {exc!r}; send it again",
                       {"Retry-After": "5"}) from exc
+    try:
+        await asyncio.to_thread(shred_keys_of, _keystore(request), customer_key)
+    except Exception:  # noqa: BLE001 - the request is in the log and the fold shreds what its events name
+        log.exception("erasure of %s: the keys the key store holds under it were not shredded; request the "
+                      "erasure again to retry", customer_key)
     return JSONResponse(ErasureAccepted(customer_key=customer_key, request_id=asked.request_id,
                                         event_id=event["event_id"]).model_dump(), status_code=202)

@@ -111,7 +111,7 @@ def read(settings: Settings, action: str, customer_key: str, reason: str, out: s
 def erase(settings: Settings, customer_key: str, reason: str, request_id: str) -> int:
     from kafka import KafkaProducer
 
-    from services.privacy.erasure import erasure_event
+    from services.privacy.erasure import erasure_event, shred_keys_of
     from streams import topics
 
     actor = audit.cli_actor()
@@ -136,6 +136,15 @@ def erase(settings: Settings, customer_key: str, reason: str, request_id: str) -
             return 2
         finally:
             producer.close(timeout=10)
+        try:
+            store = _keystore(settings)
+            try:
+                shred_keys_of(store, customer_key)
+            finally:
+                store.close()
+        except Exception as exc:  # noqa: BLE001 - the request is in the log; the fold shreds what its events name
+            print(f"warning: the data keys held under {customer_key} were not shredded now ({exc!r}); the worker "
+                  f"still shreds those its events name. Run the command again to retry", file=sys.stderr)
         print(f"erasure of {customer_key} requested (request {request_id}, event {event['event_id']}); the worker "
               f"carries it out when it folds the event. Check: crm privacy export {customer_key} --reason ... "
               f"answers that the customer was erased (docs/privacy.md)")

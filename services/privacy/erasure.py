@@ -1,12 +1,17 @@
 """The erasure request: a `customer_erasure_requested` event (schemas/events.py) for crm.events, keyed by
 the customer key. The worker's fold carries it out (shreds the data keys, records customer_erased in
-crm.erasures); erasing a customer the platform never saw is allowed, and the fold records that too."""
+crm.erasures); erasing a customer the platform never saw is allowed, and the fold records that too.
+
+Once the request is in the log, the requester also shreds every data key the key store holds under
+the customer key (`shred_keys_of`). The fold shreds the keys its accepted events name; a key made
+for an event the worker then refused (the customer's first personal event dead-lettered, say) is
+named by none of them, and its ciphertext would stay readable in crm.events after the erasure."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from schemas.codec import to_json_dict
 from schemas.envelope import AliasType
@@ -33,3 +38,20 @@ def erasure_event(customer_key: str, request_id: str, requested_by: str, now: da
     if event.customer_key != customer_key:
         raise ValueError(f"{customer_key!r} is not a customer key")
     return to_json_dict(event)
+
+
+class KeyStoreLike(Protocol):
+    def catch_up(self, timeout: float = 30.0) -> None: ...
+    def key_ids_of(self, customer_key: str) -> list[str]: ...
+    def shred(self, key_ids: list[str]) -> None: ...
+
+
+def shred_keys_of(store: KeyStoreLike, customer_key: str) -> list[str]:
+    """Tombstones for every data key `store` (privacy/keystore.py) holds under the customer key, after
+    reading the key topic to its end; the ids shredded. Call it only once the erasure request was
+    acknowledged: a request that failed must leave the customer's values readable."""
+    store.catch_up()
+    found = store.key_ids_of(customer_key)
+    if found:
+        store.shred(found)
+    return found

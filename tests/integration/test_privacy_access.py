@@ -178,7 +178,7 @@ def test_after_erasure_export_and_support_read_are_gone_and_audited(stack, api, 
     erasures = audited(stack, CUSTOMER, action="erase")
     assert {(r["role"], r["outcome"]) for r in erasures} >= {("support", "refused"), ("privacy_officer", "allowed")}
 
-    # The worker's fold shreds the customer's data keys (tombstones in crm.customer-keys).
+    # The request shreds the keys the key store holds under the customer, the fold those its events name.
     try:
         deadline = time.monotonic() + 180
         while store.key_ids_of(CUSTOMER) and time.monotonic() < deadline:
@@ -206,13 +206,22 @@ def test_after_erasure_export_and_support_read_are_gone_and_audited(stack, api, 
     assert all("erased" in r["detail"] for r in after)
 
 
-def test_erasing_a_customer_never_seen_is_allowed_and_audited(stack, writer_endpoint):  # noqa: F811
+def test_erasing_a_customer_never_seen_is_allowed_audited_and_shreds_a_key_no_event_names(stack, writer_endpoint):  # noqa: F811
+    from privacy.keystore import KeyStore
+    from privacy.secrets import master_keyring
+
     stranger = f"stranger-{TAG}"
+    # A key an edge made for the customer's first personal event, which the worker then refused:
+    # no accepted event names it, so the fold cannot shred it; the erasure request does.
+    with KeyStore(stack.settings.kafka_bootstrap, master_keyring(stack.settings.state_dir)) as store:
+        orphan, _ = store.keys_for([stranger])[stranger]
     done = crm("privacy", "erase", stranger, "--reason", "DSAR-3", "--request-id", f"ER3-{TAG}")
     assert done.returncode == 0, done.stderr.decode()
     records = audited(stack, stranger, action="erase")
     assert [(r["role"], r["outcome"], r["reason"]) for r in records] == [("operator", "allowed", "DSAR-3")]
     assert records[0]["actor"].startswith("cli:")
+    with KeyStore(stack.settings.kafka_bootstrap, master_keyring(stack.settings.state_dir)) as store:
+        assert store.key_ids_of(stranger) == [] and store.data_key(orphan) is None
 
 
 def test_an_altered_token_is_a_clear_error_naming_the_field(stack, api, keys):

@@ -13,7 +13,9 @@ from pydantic import ValidationError
 from schemas.alerts import CHURN_MODEL_TYPE, ChurnModelPublished
 from schemas.boundaries import SEGMENT_BOUNDARIES_TYPE, SegmentBoundaries
 from schemas.clock import CLOCK_TICK_TYPE, ClockTick
-from schemas.identity import ALIAS_EVENT_ATTRIBUTED_TYPE, ALIAS_LINKED_TYPE, AliasEventAttributed, AliasLinked
+from schemas.identity import (
+    ALIAS_EVENT_ATTRIBUTED_TYPE, ALIAS_LINKED_TYPE, ALIAS_UNLINKED_TYPE, AliasEventAttributed, AliasLinked, AliasUnlinked,
+)
 from schemas.envelope import EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, SEALED_PREFIX, Envelope
 from schemas.events import EVENT_TYPES, event_model, personal_payload_fields
 
@@ -30,10 +32,11 @@ class DecodeError:
 
 
 # Records that the platform itself appends to the events topic; they name no customer.
-SystemRecord = ClockTick | SegmentBoundaries | ChurnModelPublished | AliasLinked | AliasEventAttributed
+SystemRecord = ClockTick | SegmentBoundaries | ChurnModelPublished | AliasLinked | AliasEventAttributed | AliasUnlinked
 SYSTEM_RECORDS: dict[str, type[SystemRecord]] = {
     CLOCK_TICK_TYPE: ClockTick, SEGMENT_BOUNDARIES_TYPE: SegmentBoundaries, ALIAS_LINKED_TYPE: AliasLinked,
     ALIAS_EVENT_ATTRIBUTED_TYPE: AliasEventAttributed, CHURN_MODEL_TYPE: ChurnModelPublished,
+    ALIAS_UNLINKED_TYPE: AliasUnlinked,
 }
 
 

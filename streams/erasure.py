@@ -10,8 +10,9 @@ for events of the customer's own and those attributed through an alias). A
 - wipes the profile's personal traces (contact fields given, aliases, consent), marks it
   `erased_at_ms`, and stops time for it (no timers, ticks pass it by);
 - unlinks the customer's aliases: a link held in this partition's state directly; a link held in
-  another partition's state cannot be told yet (that needs an `alias_unlinked` record in the
-  catalog), so events it still attributes here are refused as `alias_unlinked` dead letters;
+  another partition's state by an `alias_unlinked` record to the alias's partition (the pipeline
+  appends it, like `alias_linked`); what such a link attributes here before that record is folded
+  is refused as an `alias_unlinked` dead letter;
 - forfeits the points balance with a `forfeited` ledger movement of reason `erasure`;
 - closes every open churn alert with status `erased`;
 - emits a `customer_erased` record (schemas/privacy.py) for crm.erasures (`Erased`).
@@ -112,9 +113,10 @@ def close_alerts(profile: CustomerProfile, churn: ChurnState, rules: ChurnRules,
 
 
 def unlink(state: CustomerState, partition: int, load: Callable[[str], CustomerState | None], save: Callable[[CustomerState], None]) -> tuple[list[str], list[str]]:
-    """The customer's aliases unlinked: (all of them, those whose link lives in another partition).
-    An alias state in this partition that is linked to the customer forgets the link, so the alias's
-    later events stay with the alias as before any link."""
+    """The customer's aliases unlinked: (all of them, those whose link lives in another partition,
+    which the caller tells with `alias_unlinked` records). An alias state in this partition that is
+    linked to the customer forgets the link, so the alias's later events stay with the alias as
+    before any link."""
     customer_id = state.profile.customer_id
     elsewhere = []
     for alias in state.profile.aliases:

@@ -32,7 +32,7 @@ from schemas.alerts import Cause, ChurnModelPublished
 from schemas.boundaries import SegmentBoundaries
 from schemas.clock import ClockTick
 from schemas.codec import DecodeError, decode_catalog_event, decode_event, fingerprint, to_json_dict
-from schemas.identity import AliasEventAttributed, AliasLinked, derived_id
+from schemas.identity import AliasEventAttributed, AliasLinked, AliasUnlinked, derived_id
 from schemas.envelope import EARLIEST_EVENT_TIME, LATEST_EVENT_TIME, Envelope
 from streams import erasure
 from streams.churn import fold as churn
@@ -281,6 +281,8 @@ def _erase(state: CustomerState | None, event: Envelope, fold: Fold, event_id: s
         state.churn = ChurnState(opened_count=state.churn.opened_count)
     else:
         state.profile = profiles.evolve(state.profile, version=state.profile.version + 1, last_offset=record.offset)
+    if state.profile.customer_id is not None:
+        outputs += [_unlink(alias, state.profile.customer_id, event) for alias in elsewhere]
     shredded = list(state.data_keys)
     outputs += [KeyShredded(key, key_id) for key_id in shredded]
     outputs.append(erasure.record(key, event, shredded, aliases, points, alert_ids))
@@ -310,6 +312,13 @@ def _link(alias_key: str, customer_id: str, event: Envelope) -> Forward:
                        occurred_at=event.occurred_at, alias_key=alias_key, customer_id=customer_id,
                        cause_event_id=event.event_id)
     return Forward(alias_key, link.model_dump(mode="json"))
+
+
+def _unlink(alias_key: str, customer_id: str, request: Envelope) -> Forward:
+    unlink = AliasUnlinked(event_id=derived_id("unlink", alias_key, customer_id, str(request.event_id)),
+                           occurred_at=request.occurred_at, alias_key=alias_key, customer_id=customer_id,
+                           cause_event_id=request.event_id)
+    return Forward(alias_key, unlink.model_dump(mode="json"))
 
 
 def _attribution(alias_key: str, customer_id: str, event: dict[str, Any]) -> Forward:
@@ -348,6 +357,26 @@ def _alias_linked(link: AliasLinked, fold: Fold) -> list[Output]:
     state.last_offset = record.offset
     _save(fold, state, outputs)
     return outputs
+
+
+@_handle.register
+def _alias_unlinked(unlink: AliasUnlinked, fold: Fold) -> list[Output]:
+    """The customer the alias was linked to was erased in another partition: the alias forgets the
+    link (if it still names that customer), so its later events stay with it as before any link,
+    as erasure.unlink does for an alias in the customer's own partition."""
+    key, record = unlink.alias_key, fold.record
+    if record.key != key.encode():
+        return fold.dead_letter("wrong_key", f"record key {record.key!r} is not the alias key {key!r}")
+    state = load_customer(fold.store, key)
+    if state is None:
+        return []
+    if state.last_offset >= record.offset:
+        return _resend(state, record.offset)
+    if state.linked_to == unlink.customer_id:
+        state.linked_to = None
+    state.last_offset = record.offset
+    _save(fold, state, [], state.due_ms)
+    return []
 
 
 @_handle.register

@@ -179,7 +179,14 @@ def test_erasure_forfeits_the_points_with_a_ledger_movement_and_the_ledger_stays
     assert log.state(CUSTOMER).profile.points_available == 0
 
 
-def test_erasure_unlinks_the_aliases_here_and_refuses_what_a_link_elsewhere_still_attributes():
+def card_event(card: str, at: datetime) -> dict:
+    """An event that names its customer only by a loyalty card."""
+    later = event("product_viewed", occurred_at=at.isoformat(), identifiers={"loyalty_card": card})
+    del later["customer_id"]
+    return later
+
+
+def test_erasure_tells_an_alias_in_another_partition_to_forget_its_link_and_its_later_events_stay_with_it():
     near, far = alias_in(partition_of(CUSTOMER), True), alias_in(partition_of(CUSTOMER), False)
     log = customer_with_history(near, far)
     assert log.state(f"loyalty_card:{far}").linked_to == CUSTOMER
@@ -187,14 +194,27 @@ def test_erasure_unlinks_the_aliases_here_and_refuses_what_a_link_elsewhere_stil
     log.send(CUSTOMER, erasure_request(CUSTOMER, T0 + timedelta(days=4)))
     outputs = log.run()
     assert sorted(erased(outputs).aliases_unlinked) == sorted([f"loyalty_card:{near}", f"loyalty_card:{far}"])
-    assert log.state(CUSTOMER).unlinked_aliases == (f"loyalty_card:{far}",)
+    [unlink] = [o for o in outputs if isinstance(o, Forward) and o.record["type"] == "alias_unlinked"]
+    assert (unlink.key, unlink.record["customer_id"]) == (f"loyalty_card:{far}", CUSTOMER)
+    assert log.state(f"loyalty_card:{far}").linked_to is None
 
-    # The card that lives in another partition still forwards: its events are refused, not attributed.
-    later = event("product_viewed", occurred_at=(T0 + timedelta(days=5)).isoformat(), identifiers={"loyalty_card": far})
-    del later["customer_id"]
-    log.send(f"loyalty_card:{far}", later)
+    log.send(f"loyalty_card:{far}", card_event(far, T0 + timedelta(days=5)))
+    outputs = log.run()
+    assert not [o for o in outputs if isinstance(o, (DeadLetter, Forward))]
+    assert [o.event.customer_key for o in outputs if isinstance(o, Accepted)] == [f"loyalty_card:{far}"]
+    assert log.state(CUSTOMER).erased  # the card's event did not bring the customer back
+
+
+def test_what_a_link_elsewhere_attributes_before_it_hears_of_the_erasure_is_refused_not_attributed():
+    near, far = alias_in(partition_of(CUSTOMER), True), alias_in(partition_of(CUSTOMER), False)
+    log = customer_with_history(near, far)
+    # The card's event is in the log before the worker appends the alias_unlinked record: the card
+    # still forwards it, and the erased customer refuses it.
+    log.send(CUSTOMER, erasure_request(CUSTOMER, T0 + timedelta(days=4)))
+    log.send(f"loyalty_card:{far}", card_event(far, T0 + timedelta(days=4, minutes=1)))
     outputs = log.run()
     assert [o.reason for o in outputs if isinstance(o, DeadLetter)] == ["alias_unlinked"]
+    assert log.state(f"loyalty_card:{far}").linked_to is None
     assert log.state(CUSTOMER).erased
 
 

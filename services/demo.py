@@ -423,6 +423,8 @@ def _alerts(console: Console, config: Settings, query, simulator: Simulator) -> 
         f"left; {open_urgent} of high or critical severity, the call list).")
     print_result(*_by_reason(opened, left_at), title="Churn-risk alerts opened, by reason, against what the simulator "
                  "knows", console=console)
+    print_result(*_by_severity(opened, left_at), title="Churn-risk alerts opened, by severity: how often the "
+                 "customer had left", console=console)
     print_result(*_by_kind(customers, opened, left_at), title="Churn-risk alerts opened, by the simulator's kind of "
                  "shopper", console=console)
     print_result(*query("SELECT alert_type, count() AS opened, uniqExact(customer_id) AS customers, "
@@ -467,6 +469,18 @@ def _by_reason(opened: list[ChurnAlert], left_at: dict[str, datetime]) -> tuple[
                      f"{true / len(with_it):.0%}", Counter(alert.severity for alert in with_it).most_common(1)[0][0]))
     rows.sort(key=lambda row: -row[1])
     return ["reason", "opened", "alone", "customer had left", "usual severity"], rows
+
+
+def _by_severity(opened: list[ChurnAlert], left_at: dict[str, datetime]) -> tuple[list[str], list[tuple]]:
+    """Per severity, most severe first: the alerts opened, the share of them opened after the
+    customer had left, and the share on customers who left at all (early warnings included)."""
+    rows = []
+    for severity in ("critical", "high", "medium", "low"):
+        alerts = [alert for alert in opened if alert.severity == severity]
+        if alerts:
+            rows.append((severity, len(alerts), f"{sum(a.after_leaving(left_at) for a in alerts) / len(alerts):.0%}",
+                         f"{sum(a.customer_id in left_at for a in alerts) / len(alerts):.0%}"))
+    return ["severity", "opened", "customer had left", "customer left, then or later"], rows
 
 
 def _by_kind(customers: list[Customer], opened: list[ChurnAlert],

@@ -162,3 +162,15 @@ def test_the_demo_runs_the_latest_version_over_its_whole_history(tmp_path: Path)
     [version] = load_churn_rules(target).versions
     assert version.effective_from == datetime(2020, 1, 1, tzinfo=UTC)
     assert version.model_dump(exclude={"effective_from"}) == DEPLOYED.versions[-1].model_dump(exclude={"effective_from"})
+
+
+def test_the_demo_tells_per_severity_how_often_the_customer_had_left():
+    from services.demo import ChurnAlert, _by_severity
+
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    left_at = {"gone": at - timedelta(days=10), "later": at + timedelta(days=20)}
+    opened = [ChurnAlert("gone", at, ("purchase_gap",), "critical"), ChurnAlert("later", at, ("dormant",), "high"),
+              ChurnAlert("still", at, ("purchase_gap",), "high"), ChurnAlert("still", at, ("dormant",), "medium")]
+    columns, rows = _by_severity(opened, left_at)
+    assert columns == ["severity", "opened", "customer had left", "customer left, then or later"]
+    assert rows == [("critical", 1, "100%", "100%"), ("high", 2, "0%", "50%"), ("medium", 1, "0%", "0%")]

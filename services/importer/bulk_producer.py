@@ -22,6 +22,7 @@ import confluent_kafka
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 POLL_SECONDS = 0.05
+log = logging.getLogger("crm.import")
 
 
 class DeliveryFailed(KafkaError):
@@ -83,7 +84,11 @@ class BulkProducer:
             raise KafkaTimeoutError(f"{left} records unacknowledged after {timeout} s")
 
     def close(self, timeout: float = 10) -> None:
-        self.flush(timeout)
+        """Waits up to `timeout` for the records not yet acknowledged, as kafka-python's close does;
+        what is still unanswered then is given up (its futures never complete)."""
+        left = self._client.flush(timeout)
+        if left:
+            log.warning("%d records unacknowledged when the producer closed after %s s", left, timeout)
 
     def partitions_for(self, topic: str, timeout: float = 30) -> set[int]:
         try:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
@@ -182,7 +182,7 @@ def run(mapping_path: Path, settings: Settings, options: Options, console: Conso
                     outcome.status = "sent"
         finally:
             if producer is not None:
-                _close(producer)
+                producer.close()
     outcome.seconds = time.perf_counter() - started
     return outcome
 
@@ -250,7 +250,7 @@ def _opened_meanwhile(settings: Settings, wanted: bool) -> Iterator[Callable[[],
                 pass  # nothing opened: the error reached whoever asked for them, or a building error stands
             else:
                 sealer.close()
-                _close(producer)
+                producer.close()
 
 
 def _not_opened() -> tuple[BulkProducer, Sealer]:
@@ -258,12 +258,13 @@ def _not_opened() -> tuple[BulkProducer, Sealer]:
 
 
 def _open_for_sending(settings: Settings) -> tuple[BulkProducer, Sealer]:
-    producer = send.producer(settings.kafka_bootstrap)
+    # A data key per new customer, tens of thousands at once: written with a producer like the events'.
+    producer, keys = send.producer(settings.kafka_bootstrap), send.producer(settings.kafka_bootstrap)
     try:
-        # A data key per new customer, tens of thousands at once: written with the import's producer too.
-        return producer, Sealer.open(settings, follow=False, producer=send.producer(settings.kafka_bootstrap))
+        return producer, Sealer.open(settings, follow=False, producer=keys)
     except BaseException:
-        _close(producer)
+        producer.close()
+        keys.close()
         raise
 
 
@@ -403,13 +404,6 @@ def _join(rows: Any, planned: Any, acknowledged: Any, stop: Any) -> None:
 def _work_in_process(job: Job) -> Work:
     assert _signals is not None
     return work(job, _signals)
-
-
-def _close(producer: BulkProducer) -> None:
-    try:
-        producer.close(timeout=10)
-    except KafkaTimeoutError:
-        pass
 
 
 # --- what a person sees ---

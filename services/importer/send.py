@@ -1,8 +1,7 @@
 """Partitions' planned streams to `crm.events`, and the rejected rows to the dead-letter topic, with
 the import's producer (bulk_producer.py, librdkafka): acks=all, idempotent, zstd-compressed batches,
-keyed by customer key, to the partition
-the default partitioner gives that key (build.partition_of: murmur2, as `crm produce` and the
-ingestion API's producers choose it). Events with personal values are sealed as they are handed over
+keyed by customer key, to the partition the default partitioner gives that key (build.partition_of:
+murmur2, as `crm produce` and the ingestion API's producers choose it). Events with personal values are sealed as they are handed over
 (services/ingest/sealing.py), one key store call per chunk; sealing is deterministic, so a resumed or
 repeated run sends the same bytes. Dead letters of files that may hold personal columns keep no row.
 
@@ -115,7 +114,7 @@ class Stream:
 def send_streams(producer: BulkProducer, streams: list[Stream], stopped: Callable[[], bool] = lambda: False,
                  crash_after: int | None = None, sealer: Sealer | None = None) -> int:
     """Send each stream's events[start:] to its partition of crm.events, a chunk of each in turn
-    (kafka-python sends one partition's long run of records at half the rate); returns how many
+    (kafka-python sent one partition's long run of records at half the rate); returns how many
     records were handed over. On Ctrl-C or once `stopped()`, what Kafka acknowledged within a short
     wait is reported, then Stopped is raised. `crash_after` (for tests) kills this process, as a
     crash would, once that many records were handed over and the chunks before each stream's last

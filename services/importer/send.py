@@ -1,9 +1,10 @@
 """Partitions' planned streams to `crm.events`, and the rejected rows to the dead-letter topic, with
 the import's producer (bulk_producer.py, librdkafka): acks=all, idempotent, zstd-compressed batches,
 keyed by customer key, to the partition the default partitioner gives that key (build.partition_of:
-murmur2, as `crm produce` and the ingestion API's producers choose it). Events with personal values are sealed as they are handed over
-(services/ingest/sealing.py), one key store call per chunk; sealing is deterministic, so a resumed or
-repeated run sends the same bytes. Dead letters of files that may hold personal columns keep no row.
+murmur2, as `crm produce` and the ingestion API's producers choose it). Events with personal values
+are sealed as they are handed over (services/ingest/sealing.py), one key store call per chunk;
+sealing is deterministic, so a resumed or repeated run sends the same bytes. Dead letters of files
+that may hold personal columns keep no row.
 
 Invariants: a stream's records are handed to the producer in stream order and its partition keeps
 that order (the idempotent producer does); a stream's `on_acknowledged(n)` is called only when every

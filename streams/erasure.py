@@ -33,7 +33,7 @@ from kafka.partitioner.default import murmur2
 from privacy.seal import SealError, token_key_id
 from schemas.alerts import AlertStatus, Cause, Severity
 from schemas.envelope import SEALED_PREFIX, Envelope
-from schemas.events import EVENT_TYPES, CustomerErasureRequested, personal_payload_fields
+from schemas.events import CustomerErasureRequested, personal_payload_fields
 from schemas.privacy import CustomerErased
 from streams import profile as profiles
 from streams.churn.alerts import _ALERT_TYPES, _change
@@ -46,8 +46,6 @@ from streams.outputs import Erased
 from streams.profile import CustomerProfile
 from streams.topics import EVENT_PARTITIONS
 
-_PERSONAL: dict[str, tuple[str, ...]] = {name: personal_payload_fields(name) for name in EVENT_TYPES}
-
 
 def is_request(event: Envelope) -> bool:
     return isinstance(getattr(event, "payload", None), CustomerErasureRequested)
@@ -56,7 +54,7 @@ def is_request(event: Envelope) -> bool:
 def key_ids(event: Envelope) -> set[str]:
     """The data keys the event's sealed values were sealed under (the typed form of
     privacy.fields.key_ids)."""
-    names = _PERSONAL.get(event.type)
+    names = personal_payload_fields(event.type)
     if not names:
         return set()
     payload = getattr(event, "payload", None)

@@ -348,3 +348,15 @@ def test_the_writer_makes_rows_of_erasures_audit_records_and_erased_profiles():
     assert len(audit_row) == len(audit_table.COLUMNS) == len(COLUMNS["audit_log"])
     # A rebuild from the log makes erasures again and leaves the audit log alone.
     assert "erasures" in TABLES and "audit_log" not in TABLES
+
+
+def test_an_alias_unlinked_record_under_another_key_or_malformed_is_a_dead_letter_not_a_crash():
+    near, far = alias_in(partition_of(CUSTOMER), True), alias_in(partition_of(CUSTOMER), False)
+    log = customer_with_history(near, far)
+    unlink = {"event_id": str(uuid.uuid4()), "type": "alias_unlinked", "occurred_at": T0.isoformat(),
+              "alias_key": f"loyalty_card:{far}", "customer_id": CUSTOMER, "cause_event_id": str(uuid.uuid4())}
+    log.send("someone-else", unlink, partition_of(f"loyalty_card:{far}"))
+    log.send(f"loyalty_card:{far}", {**unlink, "customer_id": ""})
+    outputs = log.run()
+    assert [o.reason for o in outputs if isinstance(o, DeadLetter)] == ["wrong_key", "schema_invalid"]
+    assert log.state(f"loyalty_card:{far}").linked_to == CUSTOMER
